@@ -1,0 +1,3 @@
+"""align_runner: declarative LLM post-training pipelines on one engine."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,88 @@
+"""Log-probability helpers shared by every loss: per-token and per-sequence log-probs, masked reductions.
+
+Pure tensor functions: no models, no I/O, no config.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Half-precision logits are upcast before the log-softmax. In bf16 a log-prob carries only ~3
+# significant digits, so a sequence sum over hundreds of tokens has rounding error larger than the
+# chosen-vs-rejected differences that DPO-style losses are built on.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _token_logps(logits: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(logits)[targets] without materialising the full log-softmax.
+
+    logits: (..., V); targets: (...) -> (...). ``logit[y] - logsumexp(logit)`` gathers one value per
+    position instead of keeping a second (..., V) tensor of log-probs alive for the gather.
+    """
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def shifted_token_logps(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """Log-probs of each token given its prefix: ``out[:, t-1] = log p(input_ids[:, t] | input_ids[:, <t])``.
+
+    logits: (B, T, V), the model output at every position; input_ids: (B, T) -> (B, T-1), for t=1..T-1.
+    Float32/float64 logits are used as they are; float16/bfloat16 logits are upcast to float32 one
+    sequence at a time (so the extra memory is one (T, V) float32 copy, not (B, T, V)) and the
+    result is float32.
+    """
+    if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits (B, T, V) and input_ids (B, T); got {tuple(logits.shape)} and "
+            f"{tuple(input_ids.shape)}"
+        )
+    # The logit at position t predicts token t+1: drop the last logit and the first token.
+    logits = logits[:, :-1]
+    targets = input_ids[:, 1:].long()
+    if logits.dtype in _LOW_PRECISION:
+        rows = [_token_logps(row.float(), tgt) for row, tgt in zip(logits, targets)]
+        if not rows:  # B == 0: keep the (0, T-1) shape
+            return logits.new_zeros(targets.shape, dtype=torch.float32)
+        return torch.stack(rows)
+    return _token_logps(logits, targets)
+
+
+def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of token log-probs over the counted tokens of each sequence, and how many were counted.
+
+    logits: (B, T, V); input_ids: (B, T); loss_mask: (B, T), aligned with input_ids: token t counts
+    when ``loss_mask[:, t] == 1`` (``loss_mask[:, 0]`` is never used: the first token has no prefix).
+    Returns (logps (B,), token_counts (B,) int64).
+    """
+    if loss_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"loss_mask {tuple(loss_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
+        )
+    counted = loss_mask != 0
+    # Tokens outside the mask may be padding with out-of-vocabulary ids (e.g. -100); any valid id
+    # will do there since their log-probs are discarded, and an invalid one would make gather fail.
+    safe_ids = input_ids.masked_fill(~counted, 0)
+    token_logps = shifted_token_logps(logits, safe_ids)
+    mask = counted[:, 1:]
+    return masked_sum(token_logps, mask, dim=-1), mask.sum(dim=-1, dtype=torch.long)
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """Sum of ``x * mask`` over ``dim`` (all dims when None).
+
+    mask: broadcastable to x, 0/1 (bool or numeric) or non-negative weights. Positions with mask 0
+    contribute exactly 0 even where x is inf/NaN (``inf * 0`` would be NaN), so padding never leaks.
+    """
+    weighted = torch.where(mask != 0, x * mask.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
+    return weighted.sum() if dim is None else weighted.sum(dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """Mean of x over the positions where mask is non-zero (weighted mean for weight masks).
+
+    An all-zero mask gives 0, not NaN: an empty micro-batch must not poison the optimizer step.
+    """
+    mask = mask.to(x.dtype).expand_as(x)
+    total = mask.sum() if dim is None else mask.sum(dim=dim)
+    return masked_sum(x, mask, dim) / torch.where(total == 0, torch.ones_like(total), total)

@@ -1,0 +1,60 @@
+"""Supervised fine-tuning loss: next-token cross-entropy normalised by the optimizer step's token count."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from align_runner.algos.types import LossOutput
+
+IGNORE_INDEX = -100
+"""Label value of a position that is not trained on (prompt, padding); the Hugging Face convention."""
+
+
+def sft_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    num_items: float | Tensor | None = None,
+) -> LossOutput:
+    """Next-token cross-entropy, summed over counted target tokens and divided by ``num_items``.
+
+    logits: (B, T, V); labels: (B, T), aligned with the input ids, ``-100`` = not trained on. The
+    shift happens here: the logit at position t is scored against ``labels[:, t+1]``.
+
+    num_items: the number of counted target tokens in the whole optimizer step (all micro-batches
+    and processes). Dividing every micro-batch's *sum* by this one global count makes the summed
+    gradients independent of how the step is split; a per-micro-batch mean would weight the tokens
+    of a short micro-batch more than those of a long one. None divides by this batch's own count
+    (a plain token mean, exact when the step is a single batch).
+
+    Metrics (this batch only, detached): ``mean_token_accuracy`` (argmax == target over counted
+    tokens), ``num_tokens`` (counted target tokens).
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    shift_logits = logits[:, :-1]
+    targets = labels[:, 1:].long()
+    # Upcast half-precision logits: the cross-entropy of a bf16 softmax is too coarse to sum over
+    # thousands of tokens (see logprobs.py).
+    if shift_logits.dtype in (torch.float16, torch.bfloat16):
+        shift_logits = shift_logits.float()
+    flat_logits = shift_logits.reshape(-1, shift_logits.size(-1))
+    flat_targets = targets.reshape(-1)
+    # reduction="sum" with ignore_index never builds a (B*T, V) log-prob tensor of its own.
+    total = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    counted = flat_targets != IGNORE_INDEX
+    num_tokens = counted.sum()
+    denom = num_tokens.to(total.dtype) if num_items is None else torch.as_tensor(num_items, dtype=total.dtype)
+    # An empty batch (every label ignored) gives loss 0 rather than 0/0 = NaN.
+    denom = torch.where(denom == 0, torch.ones_like(denom), denom).to(total.device)
+    loss = total / denom
+
+    with torch.no_grad():
+        correct = (flat_logits.argmax(dim=-1) == flat_targets) & counted
+        accuracy = correct.sum().float() / num_tokens.clamp(min=1).float()
+    return LossOutput(loss, {"mean_token_accuracy": accuracy, "num_tokens": num_tokens.detach()})

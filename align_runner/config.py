@@ -1,0 +1,309 @@
+"""Structured config schemas.
+
+Every group in ``conf/`` is typed by a dataclass registered here, so Hydra rejects a misspelt key or a
+value of the wrong type while composing, before any model loads. Choices that are a closed set are
+Enums (OmegaConf lists the valid values in its error). Components are ``_target_`` nodes typed ``Any``;
+``align_runner.validate`` checks their keyword names against the callable's signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+# --------------------------------------------------------------------------------------------- enums
+
+
+class _StrEnum(str, Enum):
+    """str() gives the value ("ddp", not "Backend.ddp") on every Python version."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Truncation(_StrEnum):
+    keep_start = "keep_start"
+    keep_end = "keep_end"
+    drop = "drop"
+
+
+class Scheduler(_StrEnum):
+    # names understood by transformers.get_scheduler
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+
+
+class Backend(_StrEnum):
+    ddp = "ddp"  # one process, or DistributedDataParallel over several
+    deepspeed = "deepspeed"  # ZeRO stage from hardware.zero_stage
+    fsdp2 = "fsdp2"  # torch.distributed.fsdp.fully_shard
+
+
+class Precision(_StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Device(_StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # module names, or "all-linear"
+    target_modules: Any = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # short name for run names and reports; not part of any stage key
+    name: str = MISSING
+    # _target_ factory returning a local dir or hub id (align_runner.models.*)
+    source: Any = MISSING
+    # auto: follow hardware.precision
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    lora: Optional[LoraConfig] = None
+    # null, or 4bit / 8bit (QLoRA; needs CUDA + bitsandbytes)
+    quantization: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class SourceConfig:
+    # local jsonl/json/parquet/csv file, a save_to_disk dir, or a hub dataset id
+    path: Optional[str] = None
+    # inline rows instead of a path
+    rows: Optional[Any] = None
+    split: str = "train"
+    # hub dataset config name
+    name: Optional[str] = None
+    limit: Optional[int] = None
+
+
+@dataclass
+class ViewConfig:
+    train: SourceConfig = field(default_factory=SourceConfig)
+    # held-out rows; null = none
+    eval: Optional[SourceConfig] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # rows for SFT: text | messages | prompt+completion
+    sft: Optional[ViewConfig] = None
+    # rows for reward / DPO: (prompt?, chosen, rejected)
+    preference: Optional[ViewConfig] = None
+    # prompts with reference columns for eval / GRPO / PPO
+    prompt: Optional[ViewConfig] = None
+    max_length: int = 512
+    max_prompt_length: Optional[int] = None
+    truncation: Truncation = Truncation.keep_start
+    completion_only_loss: bool = True
+    assistant_only_loss: bool = True
+    # jinja template used when the tokenizer has none
+    chat_template: Optional[str] = None
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainConfig:
+    # epochs over the train split; ignored when max_steps > 0
+    epochs: float = 1.0
+    max_steps: int = -1
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    scheduler: Scheduler = Scheduler.cosine
+    warmup_ratio: float = 0.0
+    # 0 disables clipping
+    max_grad_norm: float = 1.0
+    # steps between held-out evaluations; 0 = only at the end
+    eval_every: int = 0
+    log_every: int = 1
+    # steps between resumable checkpoints; 0 = none
+    save_every: int = 0
+    keep_last: int = 2
+    # consecutive non-finite losses tolerated (skipped) before the stage fails
+    max_nonfinite: int = 3
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------- algorithm
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = MISSING
+    # registry key of the stage that runs it
+    kind: str = MISSING
+    # stages of pipeline=auto, in order
+    stages: list[str] = field(default_factory=list)
+    # per-algorithm changes to the train group (e.g. a smaller lr for DPO)
+    train: dict[str, Any] = field(default_factory=dict)
+    loss: Any = None
+
+
+@dataclass
+class PreferenceAlgorithmConfig(AlgorithmConfig):
+    # DPO: where the reference comes from: the policy's input model (frozen copy)
+    reference_from_input: bool = True
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+
+@dataclass
+class EvalConfig:
+    # held-out prompts scored (null = all)
+    limit: Optional[int] = 64
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    # 0 = greedy
+    temperature: float = 0.0
+    # name -> _target_ checker with the reward-function signature (prompts, completions, **columns)
+    checkers: dict[str, Any] = field(default_factory=dict)
+    # also compute held-out loss on the sft view's eval split
+    heldout_loss: bool = True
+    # generations shown in the report
+    samples: int = 6
+
+
+# -------------------------------------------------------------------------------------- hardware
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    device: Device = Device.cpu
+    backend: Backend = Backend.ddp
+    num_processes: int = 1
+    num_nodes: int = 1
+    precision: Precision = Precision.fp32
+    # DeepSpeed ZeRO stage (backend=deepspeed)
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    # memory of one device in GiB, for the preflight estimate
+    device_memory_gb: float = 24.0
+    # how to start N processes: torchrun reads these
+    rdzv_endpoint: Optional[str] = None
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+
+
+@dataclass
+class StageSpecConfig:
+    name: str = MISSING
+    kind: str = MISSING
+    # stage whose model this stage starts from; null = model.source
+    model_from: Optional[str] = None
+    # config node holding the stage's settings (e.g. algorithm, upstream.sft, eval)
+    config: str = MISSING
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "auto"
+    # null: derived from algorithm.stages (DESIGN §2)
+    stages: Optional[list[StageSpecConfig]] = None
+    # add eval of the main stage's input ("before") and output ("after")
+    eval: bool = True
+    # stage names or kinds to recompute even when cached
+    force: list[str] = field(default_factory=list)
+    # print the plan (stages, keys, cache state, memory estimate) and load nothing
+    dry_run: bool = False
+    # metric returned to Hydra sweepers: "<stage>/<metric>"
+    objective: str = "eval_after/accuracy"
+
+
+@dataclass
+class TrackingConfig:
+    # any of: tensorboard, wandb
+    backends: list[str] = field(default_factory=list)
+    project: str = "align_runner"
+    run_name: Optional[str] = None
+    group: Optional[str] = None
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = "outputs"
+    store: str = "${paths.outputs}/store"
+    # converted / built models (tiny, GGUF) are cached here
+    cache: str = "${paths.outputs}/cache"
+
+
+@dataclass
+class UpstreamConfig:
+    # settings of an SFT stage that runs before the main algorithm
+    sft: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    algorithm: Any = MISSING
+    train: TrainConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    pipeline: PipelineConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    paths: PathsConfig = MISSING
+    eval: EvalConfig = MISSING
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    seed: int = 0
+
+
+def register_resolvers() -> None:
+    """``${ar.demo:<file>}``: a file of the shipped demo dataset (works from any working directory)."""
+    from align_runner.data.demo import DEMO_DIR
+
+    if not OmegaConf.has_resolver("ar.demo"):
+        OmegaConf.register_new_resolver("ar.demo", lambda name: str(DEMO_DIR / name))
+
+
+def register_configs() -> None:
+    """Register every schema so YAML files can name them in their defaults lists."""
+    register_resolvers()
+    cs = ConfigStore.instance()
+    cs.store(name="root_schema", node=RootConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("train", TrainConfig),
+        ("hardware", HardwareConfig),
+        ("pipeline", PipelineConfig),
+        ("tracking", TrackingConfig),
+        ("paths", PathsConfig),
+        ("eval", EvalConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+    cs.store(group="algorithm", name="algorithm_schema", node=AlgorithmConfig)
+    cs.store(group="algorithm", name="preference_schema", node=PreferenceAlgorithmConfig)

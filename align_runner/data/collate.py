@@ -1,0 +1,119 @@
+"""Collators: lists of tokenized examples -> padded torch batches.
+
+Training batches are right-padded (positions stay 0..n-1 for every real token, so no position ids
+are needed); generation batches are left-padded so every prompt ends at the last column and new
+tokens are appended after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from numbers import Number
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100  # the ignore_index of torch.nn.functional.cross_entropy
+
+
+def collate_sft(examples: Sequence[Mapping], pad_id: int, *, pad_to_multiple_of: int | None = None) -> dict:
+    """Right-padded SFT batch.
+
+    Returns ``input_ids`` (B, T) long, ``attention_mask`` (B, T) long, ``labels`` (B, T) long: the
+    input ids with -100 where ``loss_mask`` is 0 or on padding, and ``num_items``: the number of
+    target tokens the loss counts, ``(labels[:, 1:] != -100).sum()`` since the loss shifts labels by
+    one (the first token is never predicted).
+    """
+    _check(examples, pad_id)
+    rows = [list(e["input_ids"]) for e in examples]
+    width = _width(rows, pad_to_multiple_of)
+    input_ids = _pad(rows, width, pad_id, left=False)
+    attention_mask = _pad([[1] * len(r) for r in rows], width, 0, left=False)
+    trained = _pad([list(e["loss_mask"]) for e in examples], width, 0, left=False)
+    labels = input_ids.masked_fill(trained == 0, IGNORE_INDEX)
+    num_items = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "num_items": num_items}
+
+
+def collate_preference(examples: Sequence[Mapping], pad_id: int, *, pad_to_multiple_of: int | None = None) -> dict:
+    """Chosen and rejected sequences of B pairs in one right-padded batch of 2B rows.
+
+    Returns ``input_ids`` (2B, T) long: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected
+    (so ``tensor.chunk(2)`` splits them); ``attention_mask`` (2B, T); ``loss_mask`` (2B, T) long, 1 on
+    response tokens only; ``num_items`` = B (the loss is one term per pair). Scalar numeric fields of
+    the examples (e.g. precomputed ``ref_chosen_logps``) become (B,) tensors; other fields lists.
+    """
+    _check(examples, pad_id)
+    sequences, masks = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for e in examples:
+            prompt, response = list(e["prompt_ids"]), list(e[side])
+            sequences.append(prompt + response)
+            masks.append([0] * len(prompt) + [1] * len(response))
+    width = _width(sequences, pad_to_multiple_of)
+    batch = {
+        "input_ids": _pad(sequences, width, pad_id, left=False),
+        "attention_mask": _pad([[1] * len(s) for s in sequences], width, 0, left=False),
+        "loss_mask": _pad(masks, width, 0, left=False),
+        "num_items": len(examples),
+    }
+    batch.update(_extra_fields(examples, {"prompt_ids", "chosen_ids", "rejected_ids"}, tensors=True))
+    return batch
+
+
+def collate_prompts(examples: Sequence[Mapping], pad_id: int, *, pad_to_multiple_of: int | None = None) -> dict:
+    """LEFT-padded prompts for generation: ``input_ids`` (B, T) long, ``attention_mask`` (B, T) long,
+    plus every other field as a list under its own name (``prompt_text``, ``answer``, ...)."""
+    _check(examples, pad_id)
+    rows = [list(e["prompt_ids"]) for e in examples]
+    width = _width(rows, pad_to_multiple_of)
+    batch = {
+        "input_ids": _pad(rows, width, pad_id, left=True),
+        "attention_mask": _pad([[1] * len(r) for r in rows], width, 0, left=True),
+    }
+    batch.update(_extra_fields(examples, {"prompt_ids"}, tensors=False))
+    return batch
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _check(examples: Sequence[Mapping], pad_id: Any) -> None:
+    if not examples:
+        raise ValueError("cannot collate an empty list of examples")
+    if pad_id is None or isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise ValueError(f"pad_id must be an int token id (use eos_token_id when the tokenizer has no pad "
+                         f"token), got {pad_id!r}")
+
+
+def _width(rows: Sequence[Sequence[int]], multiple: int | None) -> int:
+    width = max(len(r) for r in rows)
+    if multiple:
+        width = -(-width // multiple) * multiple  # round up: tensor cores like multiples of 8/64
+    return width
+
+
+def _pad(rows: Sequence[Sequence[int]], width: int, value: int, *, left: bool) -> torch.Tensor:
+    """(len(rows), width) long tensor; each row padded with ``value`` on the left or right."""
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if not row:
+            continue
+        values = torch.as_tensor(row, dtype=torch.long)
+        if left:
+            out[i, width - len(row):] = values
+        else:
+            out[i, : len(row)] = values
+    return out
+
+
+def _extra_fields(examples: Sequence[Mapping], skip: set[str], *, tensors: bool) -> dict:
+    """Every key except ``skip`` (union over examples, missing -> None); scalars become tensors when
+    ``tensors`` and every value is a number."""
+    keys: list[str] = []
+    for e in examples:
+        keys.extend(k for k in e if k not in skip and k not in keys)
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [e.get(key) for e in examples]
+        numeric = all(isinstance(v, Number) and not isinstance(v, bool) for v in values)
+        out[key] = torch.tensor(values) if tensors and numeric else values
+    return out

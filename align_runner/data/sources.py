@@ -1,0 +1,287 @@
+"""Where rows come from: local files, ``save_to_disk`` folders, hub datasets, or inline lists.
+
+A *source* is a mapping (one ``data.*`` config node)::
+
+    path:  str | None     # .jsonl/.json/.parquet/.csv file, a datasets.save_to_disk folder, or a hub id
+    rows:  list | None    # inline rows; exactly one of path / rows
+    split: str = "train"  # hub split; also picks the split of a saved DatasetDict or a {split: [...]} json
+    name:  str | None     # hub config name
+    revision: str | None  # hub revision (commit / tag), part of the fingerprint
+    limit: int | None     # keep the first N rows
+
+Rows are returned as plain ``list[dict]`` so every later step is a pure function of python values.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from align_runner.data.errors import DataError
+
+SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+# Files `datasets.save_to_disk` always writes; one of them marks a folder as a saved dataset.
+_SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+# Suffixes that can only mean a local file: a missing one is a typo, not a hub id.
+_LOCAL_LOOKING_SUFFIXES = (*SUPPORTED_EXTENSIONS, ".txt", ".arrow", ".gz", ".tsv", ".jsonl.gz")
+
+
+def load_rows(source: Mapping) -> tuple[list[dict], str]:
+    """Load the rows of ``source``; return ``(rows, label)`` where ``label`` names it in errors.
+
+    Raises :class:`DataError` for a missing file, an unknown extension, a bad JSON line (naming the
+    file, line and row), a non-object row, or a source that sets both or neither of path / rows.
+    """
+    path, inline = source.get("path"), source.get("rows")
+    if (path is None) == (inline is None):
+        raise DataError(
+            f"a data source needs exactly one of 'path' or 'rows', got path={path!r} and "
+            f"rows={'<list>' if inline is not None else None}"
+        )
+    split = source.get("split") or "train"
+    if inline is not None:
+        rows, label = _inline_rows(inline), "inline"
+    else:
+        rows, label = _path_rows(str(path), split, source.get("name"), source.get("revision"))
+    return _apply_limit(rows, source.get("limit"), label), label
+
+
+def source_label(source: Mapping) -> str:
+    """The label :func:`load_rows` would give ``source``, without loading it."""
+    if source.get("rows") is not None:
+        return "inline"
+    path = str(source.get("path"))
+    if _is_local(path):
+        return path
+    return f"hub:{path}:{source.get('split') or 'train'}"
+
+
+def fingerprint_source(source: Mapping) -> str:
+    """sha256 hex digest of what ``source`` yields: content, not location or mtime.
+
+    Local file: its bytes (+ split, limit). Folder: every non-hidden file's relative path and bytes
+    (+ split, limit). Inline
+    rows: canonical JSON. Hub id: id, config name, split and revision (a hub dataset without a pinned
+    revision can change upstream; pin ``revision`` for a reproducible key).
+    """
+    digest = hashlib.sha256()
+    limit, split = source.get("limit"), source.get("split") or "train"
+    if source.get("rows") is not None:
+        _update(digest, "inline", limit)
+        digest.update(_canonical_json(source["rows"]).encode())
+        return digest.hexdigest()
+    path = str(source.get("path"))
+    local = Path(path).expanduser()
+    if local.is_file():
+        _update(digest, "file", local.suffix.lower(), split, limit)
+        _hash_file(digest, local)
+    elif local.is_dir():
+        _update(digest, "dir", split, limit)
+        # Hidden files (.DS_Store, editor swap files) are not data and must not change the key.
+        files = [p for p in local.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(local))]
+        for file in sorted(files):
+            _update(digest, file.relative_to(local).as_posix())
+            _hash_file(digest, file)
+    elif _is_local(path):
+        raise DataError(f"{path}: file not found")
+    else:
+        _update(digest, "hub", path, source.get("name"), split, source.get("revision"), limit)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------- loaders
+def _inline_rows(rows: Any) -> list[dict]:
+    if not isinstance(rows, (list, tuple)):
+        raise DataError(f"inline: expected 'rows' to be a list of objects, got {type(rows).__name__}")
+    out = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DataError(f"inline: row {index}: expected an object, got {type(row).__name__}")
+        out.append(dict(row))
+    return out
+
+
+def _path_rows(path: str, split: str, name: str | None, revision: str | None) -> tuple[list[dict], str]:
+    local = Path(path).expanduser()
+    if local.is_file():
+        return _file_rows(local, split), path
+    if local.is_dir():
+        return _saved_dataset_rows(local, split), path
+    if _is_local(path):
+        raise DataError(f"{path}: file not found")
+    return _hub_rows(path, name, split, revision), f"hub:{path}:{split}"
+
+
+def _file_rows(path: Path, split: str) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl_rows(path)
+    if suffix == ".json":
+        return _json_rows(path, split)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq  # pyarrow ships with `datasets`; imported late to keep import fast
+
+        return _check_objects(pq.read_table(path).to_pylist(), str(path))
+    if suffix == ".csv":
+        return _csv_rows(path)
+    raise DataError(
+        f"{path}: unsupported file extension {suffix or '(none)'!r}; supported: "
+        f"{', '.join(SUPPORTED_EXTENSIONS)}, a datasets.save_to_disk folder, or a hub dataset id"
+    )
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    rows: list[dict] = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue  # blank lines (often a trailing newline) are not rows
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}: line {line_number} (row {len(rows)}): invalid JSON: {exc.msg} "
+                    f"at column {exc.colno}"
+                ) from exc
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path}: line {line_number} (row {len(rows)}): expected a JSON object, "
+                    f"got {type(row).__name__}"
+                )
+            rows.append(row)
+    return rows
+
+
+def _json_rows(path: Path, split: str) -> list[dict]:
+    """A ``.json`` file holds a list of objects, or an object with a ``split``/``data``/``rows`` list."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # several objects one per line: a .jsonl under a .json name
+            return _jsonl_rows(path)
+        raise DataError(f"{path}: invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    if isinstance(data, dict):
+        key = next((k for k in (split, "data", "rows") if isinstance(data.get(k), list)), None)
+        if key is None:
+            raise DataError(
+                f"{path}: expected a list of objects or an object with a list under "
+                f"{split!r}, 'data' or 'rows', got keys {sorted(data)[:10]}"
+            )
+        data = data[key]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of objects, got {type(data).__name__}")
+    return _check_objects(data, str(path))
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    """CSV cells are strings; two decodings make TRL-format files usable (see ``_decode_csv_cell``)."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        return [
+            {column: _decode_csv_cell(column, cell) for column, cell in row.items()}
+            for row in csv.DictReader(handle)
+        ]
+
+
+def _decode_csv_cell(column: str, cell: str | None) -> Any:
+    """A JSON list of objects becomes that list (conversational columns); ``label`` true/false/1/0
+    becomes a bool (unpaired preference). Everything else stays the exact string."""
+    if cell is None:
+        return None
+    stripped = cell.strip()
+    if stripped.startswith("[") and stripped.endswith("]"):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError:
+            return cell
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            return value
+    if column == "label" and stripped.lower() in ("true", "false", "1", "0"):
+        return stripped.lower() in ("true", "1")
+    return cell
+
+
+def _saved_dataset_rows(path: Path, split: str) -> list[dict]:
+    if not any((path / marker).exists() for marker in _SAVED_DATASET_MARKERS):
+        raise DataError(
+            f"{path}: a folder must be written by datasets.save_to_disk (no "
+            f"{' / '.join(_SAVED_DATASET_MARKERS)} found); for data files point 'path' at one "
+            f"{', '.join(SUPPORTED_EXTENSIONS)} file"
+        )
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{path}: split {split!r} not found; available: {', '.join(loaded)}")
+        loaded = loaded[split]
+    return loaded.to_list()
+
+
+def _hub_rows(dataset_id: str, name: str | None, split: str, revision: str | None) -> list[dict]:
+    import datasets
+
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        loaded = datasets.load_dataset(dataset_id, name, split=split, **kwargs)
+    except Exception as exc:  # network, auth, unknown id or split: all need the same hint
+        raise DataError(
+            f"hub:{dataset_id}:{split}: could not load hub dataset ({type(exc).__name__}: {exc}); "
+            f"check the id, 'name' and 'split', or point 'path' at a local file"
+        ) from exc
+    return loaded.to_list()
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _is_local(path: str) -> bool:
+    """Whether ``path`` can only mean a local file or folder (so a missing one is an error)."""
+    if path.startswith(("/", "./", "../", "~", ".\\")) or "\\" in path:
+        return True
+    if path.lower().endswith(_LOCAL_LOOKING_SUFFIXES):
+        return True
+    # `data/demo/x` whose first folder exists here is a local path; `org/name` is a hub id.
+    first = Path(path).parts[0] if Path(path).parts else ""
+    return "/" in path and Path(first).is_dir()
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _check_objects(rows: list, label: str) -> list[dict]:
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{label}: row {index}: expected an object, got {type(row).__name__}")
+    return rows
+
+
+def _apply_limit(rows: list[dict], limit: Any, label: str) -> list[dict]:
+    if limit is None:
+        return rows
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise DataError(f"{label}: 'limit' must be a non-negative int or null, got {limit!r}")
+    return rows[:limit]
+
+
+def _canonical_json(value: Any) -> str:
+    # default=str: inline rows from YAML may hold dates etc.; str() keeps the hash deterministic.
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _update(digest: Any, *parts: Any) -> None:
+    # Length-prefix each part so ("ab", "c") and ("a", "bc") hash differently.
+    for part in parts:
+        encoded = _canonical_json(part).encode()
+        digest.update(len(encoded).to_bytes(8, "little"))
+        digest.update(encoded)
+
+
+def _hash_file(digest: Any, path: Path) -> None:
+    digest.update(path.stat().st_size.to_bytes(8, "little"))  # delimits files within a folder
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)

@@ -1,0 +1,107 @@
+"""From config to stage graph: which stages run, in what order, reading which config and inputs.
+
+``pipeline.stages: null`` (pipeline=auto) derives the graph from ``algorithm.stages``: data_prep feeds
+every stage; each training stage starts from the previous training stage's model (the first from
+``model.source``). The main stage (``algorithm.kind``) reads ``algorithm``; an upstream training stage
+reads ``upstream.<kind>``. With ``pipeline.eval``, eval runs on the main stage's input and output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from align_runner.registry import get_stage
+from align_runner.stages.context import StageSpec
+
+
+class PipelineConfigError(ValueError):
+    """The pipeline graph cannot be built from this config."""
+
+
+def build_graph(cfg: DictConfig) -> list[StageSpec]:
+    specs = _explicit(cfg.pipeline.stages) if cfg.pipeline.stages else _auto(cfg)
+    _check(specs, cfg)
+    return specs
+
+
+def _auto(cfg: DictConfig) -> list[StageSpec]:
+    main = str(cfg.algorithm.kind)
+    if main not in cfg.algorithm.stages:
+        raise PipelineConfigError(f"algorithm.stages {list(cfg.algorithm.stages)} must include algorithm.kind {main!r}")
+    specs: list[StageSpec] = []
+    model_from: str | None = None
+    for kind in cfg.algorithm.stages:
+        if kind == "data_prep":
+            specs.append(StageSpec("data_prep", "data_prep", config="data"))
+            continue
+        config = "algorithm" if kind == main else f"upstream.{kind}"
+        if OmegaConf.select(cfg, config) is None:
+            raise PipelineConfigError(f"stage {kind!r} runs before {main!r} but the config has no {config!r} node")
+        if kind == main and cfg.pipeline.eval:
+            specs.append(StageSpec("eval_before", "eval", config="eval", model_from=model_from))
+        specs.append(StageSpec(kind, kind, config=config, model_from=model_from))
+        if get_stage(kind).trains:
+            model_from = kind
+        if kind == main and cfg.pipeline.eval:
+            specs.append(StageSpec("eval_after", "eval", config="eval", model_from=model_from))
+    return specs
+
+
+def _explicit(stages: Any) -> list[StageSpec]:
+    return [StageSpec(s.name, s.kind, config=s.config, model_from=s.model_from) for s in stages]
+
+
+def _check(specs: list[StageSpec], cfg: DictConfig) -> None:
+    names = [s.name for s in specs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise PipelineConfigError(f"stage names must be unique; repeated: {sorted(dupes)}")
+    if not specs or specs[0].kind != "data_prep":
+        raise PipelineConfigError(f"the first stage must be data_prep; got {names}")
+    seen: set[str] = set()
+    for s in specs:
+        kind = get_stage(s.kind)  # unknown kinds fail here, listing the known ones
+        if s.model_from is not None:
+            if s.model_from not in seen:
+                raise PipelineConfigError(f"stage {s.name!r}: model_from {s.model_from!r} is not an earlier stage of {names}")
+            if not get_stage(next(x.kind for x in specs if x.name == s.model_from)).trains:
+                raise PipelineConfigError(f"stage {s.name!r}: model_from {s.model_from!r} produces no model")
+        if OmegaConf.select(cfg, s.config) is None:
+            raise PipelineConfigError(f"stage {s.name!r}: config node {s.config!r} does not exist")
+        del kind
+        seen.add(s.name)
+
+
+def needed_views(specs: list[StageSpec]) -> list[str]:
+    """Data views read by the stages of this pipeline, in a stable order."""
+    views: list[str] = []
+    for s in specs:
+        for v in get_stage(s.kind).views:
+            if v not in views:
+                views.append(v)
+    return views
+
+
+def stage_config(cfg: DictConfig, spec: StageSpec, views: list[str]) -> dict[str, Any]:
+    """The part of the resolved config a stage reads — what its key hashes (DESIGN §3)."""
+    section = OmegaConf.to_container(OmegaConf.select(cfg, spec.config), resolve=True)
+    assert isinstance(section, Mapping)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("name", None)
+    if spec.kind == "data_prep":
+        # Sources enter the key through their content fingerprint, not their path, so the same files
+        # in another checkout share the cache. The tokenizer comes from the base model; only views
+        # some stage reads are built.
+        data = {k: v for k, v in section.items() if k not in ("sft", "preference", "prompt")}
+        return {"data": data, "tokenizer": model["source"], "views": views}
+    out: dict[str, Any] = {"section": section, "model": model}
+    if get_stage(spec.kind).trains:
+        train = OmegaConf.to_container(OmegaConf.merge(cfg.train, section.get("train") or {}), resolve=True)
+        out["train"] = train
+        out["section"] = {k: v for k, v in section.items() if k != "train"}
+        # numerics and the effective batch depend on these; the backend's name does not
+        out["hardware"] = {"precision": str(cfg.hardware.precision), "num_processes": int(cfg.hardware.num_processes) * int(cfg.hardware.num_nodes)}
+    return out

@@ -1,0 +1,243 @@
+"""Runs a pipeline: plan keys, reuse finished stages, compute the rest, write the run manifest.
+
+Every process of a distributed job runs this; all agree on the plan (keys are pure functions of the
+config). Only the main process writes to the store and the run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import align_runner
+from align_runner.engine.backend import get_backend
+from align_runner.fsutil import atomic_write_json
+from align_runner.pipeline.graph import build_graph, needed_views, stage_config
+from align_runner.pipeline.keys import stage_key
+from align_runner.pipeline.store import StageStore
+from align_runner.registry import get_stage
+from align_runner.stages.context import StageContext, StageSpec
+
+log = logging.getLogger("align_runner")
+
+
+@dataclass
+class PlannedStage:
+    spec: StageSpec
+    key: str
+    config: dict[str, Any]
+    upstream: dict[str, str]
+    cached: bool
+    forced: bool
+
+
+@dataclass
+class StageRecord:
+    name: str
+    kind: str
+    key: str
+    dir: str
+    cache_hit: bool
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    stages: list[StageRecord]
+    objective: float | None
+
+    def stage(self, name: str) -> StageRecord:
+        return next(s for s in self.stages if s.name == name)
+
+
+def data_fingerprint(cfg: DictConfig, views: list[str]) -> str:
+    from align_runner.data.sources import fingerprint_source
+    from align_runner.pipeline.keys import canonical_json
+
+    prints = {}
+    for view in views:
+        view_cfg = cfg.data.get(view)
+        for split in ("train", "eval"):
+            src = view_cfg.get(split) if view_cfg is not None else None
+            if src is not None:
+                prints[f"{view}/{split}"] = fingerprint_source(OmegaConf.to_container(src, resolve=True))
+    return canonical_json(prints)
+
+
+def plan(cfg: DictConfig, store: StageStore) -> list[PlannedStage]:
+    """Keys and cache state of every stage, without loading anything."""
+    specs = build_graph(cfg)
+    views = needed_views(specs)
+    force = set(cfg.pipeline.force)
+    unknown = force - {s.name for s in specs} - {s.kind for s in specs}
+    if unknown:
+        raise ValueError(f"pipeline.force names {sorted(unknown)}, which are not stages of this pipeline: {[s.name for s in specs]}")
+    keys: dict[str, str] = {}
+    planned: list[PlannedStage] = []
+    for spec in specs:
+        upstream = {}
+        if spec.kind != "data_prep":
+            upstream["data"] = keys["data_prep"]
+        if spec.model_from is not None:
+            upstream["model"] = keys[spec.model_from]
+        config = stage_config(cfg, spec, views)
+        key = stage_key(
+            kind=spec.kind,
+            config=config,
+            upstream=upstream,
+            data_fingerprint=data_fingerprint(cfg, views) if spec.kind == "data_prep" else None,
+            seed=int(cfg.seed),
+        )
+        keys[spec.name] = key
+        forced = spec.name in force or spec.kind in force
+        planned.append(PlannedStage(spec, key, config, upstream, store.is_done(spec.kind, key) and not forced, forced))
+    return planned
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
+    run_dir = Path(run_dir)
+    store = StageStore(cfg.paths.store)
+    stages = plan(cfg, store)
+    backend = get_backend(cfg.hardware)
+    base_model: str | None = None
+    dirs: dict[str, Path] = {}
+    records: list[StageRecord] = []
+    if backend.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    for p in stages:
+        t0 = time.perf_counter()
+        kind = get_stage(p.spec.kind)
+        stage_dir = store.stage_dir(p.spec.kind, p.key)
+        hit = store.is_done(p.spec.kind, p.key) and not p.forced
+        if hit:
+            log.info("stage %-12s %s  cache hit (%s)", p.spec.name, p.key[:12], stage_dir)
+            metrics = store.manifest(p.spec.kind, p.key)["metrics"]
+        else:
+            if base_model is None:
+                base_model = _resolve_base_model(cfg, backend)
+            metrics, hit = _compute(cfg, p, store, backend, dirs, base_model, run_dir)
+        dirs[p.spec.name] = stage_dir
+        records.append(StageRecord(p.spec.name, p.spec.kind, p.key, str(stage_dir), hit, time.perf_counter() - t0, metrics))
+        if backend.is_main:
+            _link(run_dir / "stages" / p.spec.name, stage_dir)
+        del kind
+    objective = _objective(cfg, records)
+    if backend.is_main:
+        atomic_write_json(run_dir / "run.json", _run_manifest(cfg, records, objective, backend))
+    return RunResult(run_dir, records, objective)
+
+
+def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model, run_dir) -> tuple[dict[str, float], bool]:
+    """Compute one stage under the store lock; returns its metrics and whether another job made them."""
+    lock = store.lock(p.spec.kind, p.key) if backend.is_main else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        # a parallel sweep job may have finished it while we waited for the lock
+        if store.is_done(p.spec.kind, p.key) and not p.forced:
+            log.info("stage %-12s %s  computed by another job meanwhile; reusing", p.spec.name, p.key[:12])
+            return store.manifest(p.spec.kind, p.key)["metrics"], True
+        log.info("stage %-12s %s  computing", p.spec.name, p.key[:12])
+        out_dir = store.begin(p.spec.kind, p.key, force=p.forced) if backend.is_main else store.stage_dir(p.spec.kind, p.key)
+        backend.barrier()
+        params = {"views": p.config["views"]} if p.spec.kind == "data_prep" else {}
+        ctx = StageContext(
+            cfg=cfg,
+            spec=p.spec,
+            key=p.key,
+            out_dir=out_dir,
+            backend=backend,
+            inputs=dict(dirs),
+            base_model=base_model,
+            run_name=run_dir.name,
+            params=params,
+        )
+        t0 = time.perf_counter()
+        metrics = {k: float(v) for k, v in (get_stage(p.spec.kind).fn(ctx) or {}).items()}
+        ctx.tracker.close()
+        backend.barrier()
+        if backend.is_main:
+            store.finish(
+                p.spec.kind,
+                p.key,
+                {
+                    "name": p.spec.name,
+                    "kind": p.spec.kind,
+                    "key": p.key,
+                    "upstream": p.upstream,
+                    "config": p.config,
+                    "metrics": metrics,
+                    "seconds": time.perf_counter() - t0,
+                    "align_runner": align_runner.__version__,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+            )
+        backend.barrier()
+        return metrics, False
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resolve_base_model(cfg: DictConfig, backend) -> str:
+    from align_runner.models.loading import resolve_source
+
+    # one process builds / converts into the cache; the others then find it there
+    with backend.main_first():
+        return resolve_source(cfg.model.source, cache_dir=str(cfg.paths.cache))
+
+
+def _link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target, target_is_directory=True)
+
+
+def _objective(cfg: DictConfig, records: list[StageRecord]) -> float | None:
+    stage, _, metric = str(cfg.pipeline.objective).partition("/")
+    rec = next((r for r in records if r.name == stage), None)
+    return None if rec is None else rec.metrics.get(metric)
+
+
+def _git_sha() -> str | None:
+    try:
+        root = Path(align_runner.__file__).resolve().parents[1]
+        return subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _run_manifest(cfg: DictConfig, records: list[StageRecord], objective: float | None, backend) -> dict[str, Any]:
+    import transformers
+
+    return {
+        "stages": [r.__dict__ for r in records],
+        "objective": {"name": cfg.pipeline.objective, "value": objective},
+        "versions": {
+            "align_runner": align_runner.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "git_sha": _git_sha(),
+        "hardware": {**OmegaConf.to_container(cfg.hardware, resolve=True), **backend.describe()},
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

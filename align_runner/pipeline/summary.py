@@ -1,0 +1,54 @@
+"""The end-of-run table: each stage, cached or computed, its time and key metrics, before -> after."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from align_runner.pipeline.runner import RunResult
+
+# metrics worth a column, per stage kind, in this order (absent ones are skipped)
+KEY_METRICS = {
+    "data_prep": ("sft/train/kept", "preference/train/kept", "prompt/eval/kept"),
+    "sft": ("loss", "eval/loss", "mean_token_accuracy"),
+    "reward": ("loss", "eval/accuracy", "accuracy"),
+    "dpo": ("loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies"),
+    "eval": ("accuracy", "format", "heldout_loss"),
+}
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.0f}" if float(v).is_integer() and abs(v) >= 1 else f"{v:.4g}"
+
+
+def summary_table(result: RunResult) -> Table:
+    table = Table(title=f"align_runner: {result.run_dir}", title_justify="left")
+    for col in ("stage", "key", "cache", "time", "metrics"):
+        table.add_column(col)
+    for r in result.stages:
+        keys = KEY_METRICS.get(r.kind, tuple(sorted(r.metrics))[:4])
+        shown = ", ".join(f"{k}={_fmt(r.metrics[k])}" for k in keys if k in r.metrics)
+        table.add_row(r.name, r.key[:12], "hit" if r.cache_hit else "computed", f"{r.seconds:.1f}s", shown)
+    return table
+
+
+def before_after(result: RunResult) -> list[str]:
+    names = {r.name for r in result.stages}
+    if not {"eval_before", "eval_after"} <= names:
+        return []
+    b, a = result.stage("eval_before").metrics, result.stage("eval_after").metrics
+    return [f"{k}: {b[k]:.4g} -> {a[k]:.4g}" for k in sorted(b) if k in a and k != "num_prompts"]
+
+
+def print_summary(cfg: DictConfig, result: RunResult) -> None:
+    console = Console()
+    console.print(summary_table(result))
+    lines = before_after(result)
+    if lines:
+        console.print("before -> after: " + "; ".join(lines))
+    if result.objective is not None:
+        console.print(f"objective {cfg.pipeline.objective} = {result.objective:.4g}")
+    report = result.run_dir / "report.md"
+    if report.exists():
+        console.print(f"report: {report}")

@@ -1,0 +1,150 @@
+"""What a stage plugin gets: its config, its inputs, and helpers to load models and data.
+
+The pipeline builds one ``StageContext`` per computed stage. Stages read inputs only through it, so a
+stage's key (computed by the pipeline from the same inputs) covers everything the stage can see.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from align_runner.engine.backend import Backend, model_dtype
+from align_runner.engine.loop import Engine
+from align_runner.engine.trackers import Tracker
+from align_runner.fsutil import atomic_write_json
+
+log = logging.getLogger("align_runner")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One node of the pipeline graph."""
+
+    name: str
+    kind: str
+    # config node holding the stage's settings, e.g. "algorithm", "upstream.sft", "eval", "data"
+    config: str
+    # upstream stage whose model this stage starts from; None = the configured base model
+    model_from: str | None = None
+
+
+@dataclass
+class StageContext:
+    cfg: DictConfig
+    spec: StageSpec
+    key: str
+    out_dir: Path
+    backend: Backend
+    # name -> output dir of every finished upstream stage this stage reads
+    inputs: dict[str, Path] = field(default_factory=dict)
+    # resolved path / hub id of the base model (model.source)
+    base_model: str = ""
+    run_name: str = "run"
+    # settings the pipeline derives for this stage (part of its key), e.g. data_prep's views
+    params: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------- config
+    @property
+    def section(self) -> DictConfig:
+        return OmegaConf.select(self.cfg, self.spec.config)
+
+    @cached_property
+    def train(self) -> DictConfig:
+        """cfg.train with the stage's own ``train:`` changes applied (validated against TrainConfig)."""
+        merged = OmegaConf.merge(self.cfg.train, self.section.get("train") or {})
+        return merged
+
+    @property
+    def is_main(self) -> bool:
+        return self.backend.is_main
+
+    # -------------------------------------------------------------------------------------- models
+    def input_model_path(self) -> str:
+        """The model this stage starts from: an upstream stage's ``model/`` or the base model."""
+        if self.spec.model_from is None:
+            return self.base_model
+        return str(self.inputs[self.spec.model_from] / "model")
+
+    def reference_model_path(self) -> str:
+        """Where a frozen reference comes from: the policy's own starting point."""
+        return self.input_model_path()
+
+    @property
+    def dtype(self):
+        return model_dtype(self.cfg.hardware, str(self.cfg.model.dtype))
+
+    def tokenizer(self):
+        from align_runner.models.loading import load_tokenizer
+
+        return load_tokenizer(self.input_model_path())
+
+    def load_policy(self):
+        from align_runner.models.loading import load_causal_lm
+
+        model = load_causal_lm(
+            self.input_model_path(),
+            dtype=self.dtype,
+            gradient_checkpointing=bool(self.cfg.model.gradient_checkpointing),
+        )
+        return model.to(self.backend.device)
+
+    def save_model(self, model, tokenizer) -> Path:
+        """Save the final model in Hugging Face layout under ``<stage>/model`` (main process only)."""
+        from align_runner.models.loading import save_pretrained_atomic
+
+        out = self.out_dir / "model"
+        self.backend.barrier()
+        if self.is_main:
+            save_pretrained_atomic(self.backend.unwrap(model), tokenizer, str(out))
+        self.backend.barrier()
+        return out
+
+    # ---------------------------------------------------------------------------------------- data
+    def dataset(self, view: str, split: str = "train") -> list[dict]:
+        """Rows prepared by data_prep for ``view`` ("sft", "preference", "prompt") and split."""
+        from align_runner.stages.data_prep import load_prepared
+
+        return load_prepared(self.inputs["data_prep"], view, split)
+
+    def has_dataset(self, view: str, split: str = "train") -> bool:
+        from align_runner.stages.data_prep import prepared_path
+
+        return prepared_path(self.inputs["data_prep"], view, split).exists()
+
+    # -------------------------------------------------------------------------------------- engine
+    @cached_property
+    def tracker(self) -> Tracker:
+        tr = self.cfg.tracking
+        return Tracker(
+            self.out_dir,
+            stage=self.spec.name,
+            enabled=self.is_main,
+            backends=list(tr.backends),
+            project=tr.project,
+            run_name=tr.run_name or self.run_name,
+            group=tr.group,
+        )
+
+    def engine(self) -> Engine:
+        return Engine(
+            self.train,
+            self.backend,
+            out_dir=self.out_dir,
+            seed=int(self.cfg.seed),
+            tracker=self.tracker,
+            desc=self.spec.name,
+        )
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.is_main:
+            atomic_write_json(self.out_dir / name, obj)
+
+    def read_json(self, stage: str, name: str) -> Any:
+        return json.loads((self.inputs[stage] / name).read_text())

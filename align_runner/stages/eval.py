@@ -1,0 +1,77 @@
+"""eval: generate on held-out prompts, score with the configured checkers, and measure held-out loss.
+
+The pipeline runs it on the main stage's input model ("eval_before") and output ("eval_after"); both
+are ordinary cached stages. Metrics are the mean score of each checker (``accuracy``, ``format``, ...)
+and ``heldout_loss``; ``samples.jsonl`` keeps the first generations for the report.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from hydra.utils import instantiate
+
+from align_runner.algos.sft import sft_loss
+from align_runner.data.collate import collate_sft
+from align_runner.engine.rollout import generate
+from align_runner.registry import register_stage
+from align_runner.stages.context import StageContext
+
+
+@register_stage("eval", trains=False, views=("prompt", "sft"))
+def run_eval(ctx: StageContext) -> dict[str, float]:
+    ev = ctx.section
+    tokenizer = ctx.tokenizer()
+    model = ctx.load_policy().eval()
+    rows = ctx.dataset("prompt", "eval")
+    if ev.limit is not None:
+        rows = rows[: ev.limit]
+    completion_ids = generate(
+        model,
+        tokenizer,
+        [r["prompt_ids"] for r in rows],
+        max_new_tokens=ev.max_new_tokens,
+        temperature=ev.temperature,
+        batch_size=ev.batch_size,
+        seed=int(ctx.cfg.seed),
+        progress=ctx.is_main,
+        desc=f"{ctx.spec.name}: generate",
+    )
+    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    prompts = [r["prompt_text"] for r in rows]
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt_ids", "prompt_text")} if rows else {}
+
+    metrics: dict[str, float] = {"num_prompts": float(len(rows))}
+    scores: dict[str, list[float]] = {}
+    for name, checker_cfg in ev.checkers.items():
+        checker = instantiate(checker_cfg)
+        scores[name] = list(checker(prompts, completions, **columns))
+        metrics[name] = sum(scores[name]) / max(len(scores[name]), 1)
+    metrics["completion_tokens"] = sum(len(c) for c in completion_ids) / max(len(completion_ids), 1)
+
+    if ev.heldout_loss and ctx.has_dataset("sft", "eval"):
+        metrics["heldout_loss"] = heldout_loss(model, ctx.dataset("sft", "eval"), tokenizer.pad_token_id, ev.batch_size)
+
+    samples = [
+        {"prompt": p, "completion": c, **{k: v[i] for k, v in columns.items()}, **{k: s[i] for k, s in scores.items()}}
+        for i, (p, c) in enumerate(zip(prompts, completions))
+    ]
+    ctx.write_json("samples.json", samples[: max(ev.samples, 0)])
+    ctx.tracker.log(metrics, step=0)
+    return metrics
+
+
+@torch.no_grad()
+def heldout_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> float:
+    """Token-weighted mean SFT loss over ``rows`` (prepared sft rows)."""
+    collate = partial(collate_sft, pad_id=pad_id)
+    device = next(model.parameters()).device
+    total, items = 0.0, 0.0
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i : i + batch_size])
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        out = sft_loss(logits, batch["labels"].to(device))
+        total += float(out.loss) * float(batch["num_items"])
+        items += float(batch["num_items"])
+    return total / max(items, 1.0)

@@ -1,0 +1,34 @@
+"""sft: supervised fine-tuning with the configured token loss (``algorithm.loss``)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from hydra.utils import instantiate
+
+from align_runner.data.collate import collate_sft
+from align_runner.registry import register_stage
+from align_runner.stages.context import StageContext
+
+
+@register_stage("sft", trains=True, views=("sft",))
+def run_sft(ctx: StageContext) -> dict[str, float]:
+    tokenizer = ctx.tokenizer()
+    policy = ctx.load_policy()
+    loss_fn = instantiate(ctx.section.loss)
+
+    def step(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return loss_fn(logits, batch["labels"])
+
+    eval_rows = ctx.dataset("sft", "eval") if ctx.has_dataset("sft", "eval") else None
+    result = ctx.engine().fit(
+        step,
+        model=policy,
+        train_data=ctx.dataset("sft", "train"),
+        collate=partial(collate_sft, pad_id=tokenizer.pad_token_id),
+        eval_data=eval_rows,
+        eval_step=step,
+    )
+    ctx.save_model(policy, tokenizer)
+    return result.metrics

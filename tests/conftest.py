@@ -1,0 +1,56 @@
+"""Shared fixtures: offline tiny-model pipelines in a temporary output tree."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> str:
+    """One cache of built tiny models for the whole session (building takes a second or two)."""
+    return str(tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture
+def tiny(tmp_path, model_cache) -> list[str]:
+    """Overrides for a fast offline pipeline: tiny model, a slice of the demo data, few steps."""
+    return [
+        "model=tiny",
+        f"paths.outputs={tmp_path / 'outputs'}",
+        f"paths.cache={model_cache}",
+        "data.sft.train.limit=64",
+        "data.preference.train.limit=64",
+        "data.prompt.eval.limit=16",
+        "eval.limit=16",
+        "eval.max_new_tokens=4",
+        "train.max_steps=4",
+        "train.lr=1e-3",
+        "train.progress=false",
+    ]
+
+
+def run(overrides: list[str]):
+    from align_runner import api
+
+    return api.run(overrides)
+
+
+@pytest.fixture
+def count_optimizer_steps(monkeypatch):
+    """Counts torch.optim.AdamW.step calls made while the test runs."""
+    import torch
+
+    calls = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting)
+    return calls
