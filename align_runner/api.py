@@ -14,10 +14,11 @@ from pathlib import Path
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
 from align_runner.config import register_configs
-from align_runner.validate import CONF_DIR, check_override_keys, validate
+from align_runner.validate import CONF_DIR, ConfigError, check_override_keys, validate
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
@@ -26,7 +27,12 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        try:
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        except ConfigCompositionException as e:
+            # Hydra's message names the override; the cause says what was expected
+            cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
+            raise ConfigError(f"{e}{cause}") from e
     validate(cfg)
     return cfg
 

@@ -3,15 +3,28 @@
 Checks the overrides, relaunches itself under torchrun when the hardware profile asks for several
 processes, then composes with Hydra (so ``-m`` sweeps and sweeper plugins work) and runs the pipeline.
 The Hydra task function returns the objective metric for sweepers such as Optuna.
+
+Self-launch: the parent composes the config once, fixes the run dir (Hydra's ``${now:}`` could differ
+by a second between ranks), and runs ``torchrun ... -m align_runner <same overrides>
+hydra.run.dir=<dir>``. Ranks other than 0 write nothing into the run dir (no ``.hydra/``, log to
+stdout). A rank that fails writes its error to a folder the parent reads, so the parent reports that
+rank's exception and exits with its exit code; torchrun stops the other ranks.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,33 +35,125 @@ from align_runner.validate import CONF_DIR, ConfigError, check_override_keys, va
 
 log = logging.getLogger("align_runner")
 
+FAILURE_DIR_ENV = "ALIGN_RUNNER_FAILURE_DIR"
+_INFO_FLAGS = ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help", "--resolve", "-p", "--package")
+
 
 def _overrides(argv: list[str]) -> list[str]:
     return [a for a in argv if not a.startswith("-") and "=" in a]
 
 
-def _num_processes(argv: list[str]) -> int:
-    from align_runner.api import compose
+def _compose_for_launch(argv: list[str]) -> tuple[DictConfig, str]:
+    """The validated config and the resolved Hydra run dir for these overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import open_dict
 
-    cfg = compose(_overrides(argv))
-    return int(cfg.hardware.num_processes)
+    overrides = _overrides(argv)
+    check_override_keys(overrides)
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        except ConfigCompositionException as e:
+            cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
+            raise ConfigError(f"{e}{cause}") from e
+    run_dir = os.path.abspath(str(cfg.hydra.run.dir))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg, run_dir
 
 
-def _self_launch(argv: list[str], nproc: int) -> int:
-    """Run the same command under torchrun with ``nproc`` processes on this node; returns its exit code.
+def _hydra_value(value: str) -> str:
+    """Quote an override value unless Hydra's grammar takes it bare."""
+    if re.fullmatch(r"[\w./:@+-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
-    All ranks get the same run dir (Hydra's ``${now:}`` could differ by a second between them).
-    """
-    run_dir = os.path.join(
-        os.environ.get("ALIGN_RUNNER_OUTPUTS", "outputs"), time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S")
-    )
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", str(nproc), "--nnodes", "1", "--standalone",
-        "-m", "align_runner", *argv, f"hydra.run.dir={run_dir}",
-    ]
-    log.info("relaunching under torchrun with %d processes", nproc)
-    return subprocess.call(cmd)
+
+def torchrun_command(hardware: Any, argv: list[str], run_dir: str) -> list[str]:
+    """``torchrun`` command line for ``hardware``: this node alone (--standalone), or a multi-node
+    c10d rendezvous at ``hardware.rdzv_endpoint`` (the multinode profile fills it from SLURM/env)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(int(hardware.num_processes))]
+    if int(hardware.num_nodes) > 1:
+        if not hardware.rdzv_endpoint:
+            raise ConfigError(
+                f"hardware.num_nodes={hardware.num_nodes} needs hardware.rdzv_endpoint (host:port of the first "
+                "node, e.g. from MASTER_ADDR / MASTER_PORT)"
+            )
+        cmd += ["--nnodes", str(int(hardware.num_nodes)), "--rdzv_backend", "c10d"]
+        cmd += ["--rdzv_endpoint", str(hardware.rdzv_endpoint), "--rdzv_id", str(hardware.rdzv_id)]
+        if hardware.node_rank is not None:
+            cmd += ["--node_rank", str(int(hardware.node_rank))]
+    else:
+        cmd += ["--nnodes", "1", "--standalone"]
+    return [*cmd, "-m", "align_runner", *argv, f"hydra.run.dir={_hydra_value(run_dir)}"]
+
+
+def _self_launch(argv: list[str], hardware: Any, run_dir: str) -> int:
+    """Run the same command under torchrun; returns the exit code of the first rank that failed."""
+    with tempfile.TemporaryDirectory(prefix="align_runner-ranks-") as failures:
+        env = {**os.environ, FAILURE_DIR_ENV: failures}
+        cmd = torchrun_command(hardware, argv, run_dir)
+        print(f"align_runner: relaunching under torchrun: {int(hardware.num_processes)} process(es) per node, "
+              f"{int(hardware.num_nodes)} node(s); run dir {run_dir}", file=sys.stderr, flush=True)
+        proc = subprocess.Popen(cmd, env=env)
+        # a scheduler's SIGTERM (or Ctrl-C) goes to the job, which torchrun then stops cleanly
+        forward = {s: signal.signal(s, lambda sig, _f: proc.send_signal(sig)) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            rc = proc.wait()
+        finally:
+            for s, handler in forward.items():
+                signal.signal(s, handler)
+        return _report_failures(Path(failures), rc)
+
+
+def _report_failures(folder: Path, rc: int) -> int:
+    reports = sorted((json.loads(p.read_text()) for p in folder.glob("rank-*.json")), key=lambda r: r["time"])
+    if rc == 0:
+        return 0
+    if not reports:
+        print(f"align_runner: torchrun exited with code {rc}", file=sys.stderr)
+        return rc
+    first = reports[0]
+    print(first["traceback"], file=sys.stderr, end="")
+    print(f"align_runner: rank {first['rank']} failed (exit code {first['exitcode']}): {first['error']}", file=sys.stderr)
+    return int(first["exitcode"]) or rc
+
+
+def _record_failure(exc: BaseException, exitcode: int | None = None) -> None:
+    """Inside a self-launched job: leave this rank's error for the parent (first error wins)."""
+    folder = os.environ.get(FAILURE_DIR_ENV)
+    if not folder:
+        return
+    code = exitcode if exitcode is not None else (exc.code if isinstance(exc, SystemExit) else 1)
+    if code in (0, None):
+        return
+    path = Path(folder) / f"rank-{os.environ.get('RANK', '0')}.json"
+    if path.exists():
+        return
+    report = {
+        "rank": int(os.environ.get("RANK", 0)),
+        "exitcode": code if isinstance(code, int) else 1,
+        "error": f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(exc)),
+        "time": time.time(),
+    }
+    path.write_text(json.dumps(report))
+
+
+def _rank_overrides(argv: list[str]) -> list[str]:
+    """Ranks other than 0 write nothing into the run dir: no .hydra/ copy, log to stdout only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        return []
+    extra = ["hydra.output_subdir=null"]
+    if not any(a.startswith(("hydra/job_logging=", "+hydra/job_logging=")) for a in argv):
+        extra.append("hydra/job_logging=stdout")
+    return extra
 
 
 def main() -> None:
@@ -56,26 +161,42 @@ def main() -> None:
     try:
         check_override_keys(_overrides(argv))
         multirun = "-m" in argv or "--multirun" in argv
-        info_only = any(a in argv for a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help"))
+        info_only = any(a in argv for a in _INFO_FLAGS)
         if not multirun and not info_only and "RANK" not in os.environ:
-            nproc = _num_processes(argv)
-            if nproc > 1:
-                sys.exit(_self_launch(argv, nproc))
+            cfg, run_dir = _compose_for_launch(argv)
+            hw = cfg.hardware
+            if int(hw.num_processes) * int(hw.num_nodes) > 1 and not cfg.pipeline.dry_run:
+                sys.exit(_self_launch(argv, hw, run_dir))
     except ConfigError as e:
         print(f"align_runner: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    sys.argv = [sys.argv[0], *argv, *_rank_overrides(argv)]
     register_configs()
-    _hydra_main()
+    try:
+        _hydra_main()
+    except SystemExit as e:
+        _record_failure(e)
+        raise
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        return _task(cfg)
+    except BaseException as e:
+        _record_failure(e)
+        raise
+
+
+def _task(cfg: DictConfig) -> float | None:
     from align_runner.pipeline.runner import run_pipeline
     from align_runner.pipeline.summary import print_summary
 
     try:
         validate(cfg)
+        _check_world_size(cfg)
     except (ConfigError, KeyError, ValueError) as e:
+        _record_failure(e, exitcode=2)
         print(f"align_runner: config error: {e}", file=sys.stderr)
         sys.exit(2)
     run_dir = HydraConfig.get().runtime.output_dir
@@ -88,3 +209,18 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if int(os.environ.get("RANK", 0)) == 0:
         print_summary(cfg, result)
     return result.objective
+
+
+def _check_world_size(cfg: DictConfig) -> None:
+    """A profile's process count is part of every training stage's key: running it in another number
+    of processes (e.g. a -m sweep, which is not self-launched) would file results under wrong keys."""
+    if cfg.pipeline.dry_run:
+        return
+    wanted = int(cfg.hardware.num_processes) * int(cfg.hardware.num_nodes)
+    running = int(os.environ.get("WORLD_SIZE", 1))
+    if wanted != running:
+        raise ConfigError(
+            f"hardware={cfg.hardware.name} wants {wanted} processes but this job runs in {running}. "
+            f"Sweeps (-m) are not self-launched: run `torchrun --nproc_per_node {cfg.hardware.num_processes} "
+            "-m align_runner -m ...` yourself"
+        )

@@ -61,12 +61,16 @@ class Device(_StrEnum):
 
 @dataclass
 class LoraConfig:
+    # adapter rank
     r: int = 16
+    # scale of the adapter update: alpha / r (alpha / sqrt(r) with use_rslora)
     alpha: int = 32
     dropout: float = 0.05
-    # module names, or "all-linear"
+    # module names (suffix match, e.g. [q_proj, v_proj]), or "all-linear" (every Linear but the output head)
     target_modules: Any = "all-linear"
+    # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)
     use_rslora: bool = False
+    # weight-decomposed LoRA: trains a magnitude vector too (Liu et al. 2024)
     use_dora: bool = False
 
 
@@ -80,8 +84,11 @@ class ModelConfig:
     dtype: str = "auto"
     gradient_checkpointing: bool = False
     lora: Optional[LoraConfig] = None
-    # null, or 4bit / 8bit (QLoRA; needs CUDA + bitsandbytes)
+    # null, or 4bit / 8bit (QLoRA; needs CUDA + bitsandbytes and model.lora)
     quantization: Optional[str] = None
+    # parameter count for the dry-run memory estimate when the model's config.json cannot be read
+    # (e.g. a hub id offline); null = read it
+    num_params: Optional[int] = None
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -170,9 +177,19 @@ class AlgorithmConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    # name of the ref_logps stage whose log-probs a dpo stage reads (pipeline=auto adds it by this name)
+    stage: str = "ref_logps"
+    # pairs per reference forward pass; batch shapes change the low bits of the sums, so this is part of
+    # the reference artifact's key (the loss is not: a beta sweep reuses one artifact)
+    batch_size: int = 8
+
+
+@dataclass
 class PreferenceAlgorithmConfig(AlgorithmConfig):
-    # DPO: where the reference comes from: the policy's input model (frozen copy)
-    reference_from_input: bool = True
+    # DPO's frozen reference: the policy's input model (the adapter-disabled base under LoRA), whose
+    # log-probs a ref_logps stage computes once, keyed by that model and the data
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -210,8 +227,12 @@ class HardwareConfig:
     offload_optimizer: bool = False
     # memory of one device in GiB, for the preflight estimate
     device_memory_gb: float = 24.0
-    # how to start N processes: torchrun reads these
+    # multi-node rendezvous (torchrun --rdzv-endpoint host:port); null = this node alone (--standalone)
     rdzv_endpoint: Optional[str] = None
+    # rank of this node among num_nodes (torchrun --node-rank); null = let the rendezvous assign it
+    node_rank: Optional[int] = None
+    # job id shared by every node of one run (torchrun --rdzv-id)
+    rdzv_id: str = "align_runner"
 
 
 # ------------------------------------------------------------------------------------------ pipeline
@@ -247,8 +268,12 @@ class TrackingConfig:
     # any of: tensorboard, wandb
     backends: list[str] = field(default_factory=list)
     project: str = "align_runner"
+    # null: from the Hydra job (run dir name; sweep name and job number under -m)
     run_name: Optional[str] = None
+    # null: the Hydra job name, or the sweep for -m jobs
     group: Optional[str] = None
+    # W&B key; prefer the WANDB_API_KEY environment variable. Never written to any saved file.
+    api_key: Optional[str] = None
 
 
 @dataclass
@@ -305,5 +330,6 @@ def register_configs() -> None:
         ("eval", EvalConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node)
+    cs.store(group="model/lora", name="lora_schema", node=LoraConfig)
     cs.store(group="algorithm", name="algorithm_schema", node=AlgorithmConfig)
     cs.store(group="algorithm", name="preference_schema", node=PreferenceAlgorithmConfig)

@@ -17,6 +17,9 @@ _BUILTIN_MODULES = (
     "align_runner.stages.data_prep",
     "align_runner.stages.sft",
     "align_runner.stages.eval",
+    "align_runner.stages.reward",
+    "align_runner.stages.ref_logps",
+    "align_runner.stages.dpo",
 )
 
 
@@ -27,25 +30,28 @@ class StageKind:
     fn: ``fn(ctx: StageContext) -> dict[str, float]`` (final metrics).
     trains: whether it produces a model (so a later stage may start from it).
     views: the data views it reads (``sft``, ``preference``, ``prompt``), so data_prep knows what to build.
+    policy: its model is a causal-LM policy: later stages of pipeline=auto continue from it and eval
+    generates with it. False for a scorer (a reward model), which later stages read as an input.
     """
 
     name: str
     fn: Callable[[Any], dict]
     trains: bool
     views: tuple[str, ...]
+    policy: bool = True
 
 
 _STAGES: dict[str, StageKind] = {}
 _loaded = False
 
 
-def register_stage(name: str, *, trains: bool, views: tuple[str, ...] = ()):
-    """Decorator registering a stage function under ``name``."""
+def register_stage(name: str, *, trains: bool, views: tuple[str, ...] = (), policy: bool = True):
+    """Decorator registering a stage function under ``name`` (fields as in ``StageKind``)."""
 
     def deco(fn):
         if name in _STAGES and _STAGES[name].fn is not fn:
             raise ValueError(f"stage kind {name!r} is registered twice ({_STAGES[name].fn} and {fn})")
-        _STAGES[name] = StageKind(name, fn, trains, tuple(views))
+        _STAGES[name] = StageKind(name, fn, trains, tuple(views), policy)
         return fn
 
     return deco

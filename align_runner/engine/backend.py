@@ -1,19 +1,37 @@
 """Turns a ``hardware`` profile into the running backend. The only module that knows DDP from
 DeepSpeed from FSDP: the training loop and the stages talk to the ``Backend`` interface alone.
+
+``hardware.backend`` picks the class through ``BACKENDS`` (no string branching elsewhere):
+
+- ``ddp``: one process, or DistributedDataParallel over several, through Accelerate;
+- ``deepspeed``: ``deepspeed.initialize`` with ZeRO stage ``hardware.zero_stage`` (works on CPU/gloo);
+- ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every decoder layer and the root.
+
+Accelerate is not used for the last two: on CPU it cannot run DeepSpeed and silently turns FSDP into
+DDP, and a profile that claims sharding must shard.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from align_runner.config import Backend as BackendKind
+
+log = logging.getLogger("align_runner")
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_NAMED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MakeOptimizer = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
 def distributed_env() -> tuple[int, int]:
@@ -21,117 +39,448 @@ def distributed_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def model_dtype(hardware: Any, requested: str = "auto") -> torch.dtype:
-    """Weights dtype: the model's own setting, else the hardware's precision.
-
-    On CPU we keep fp32 weights: this CPU has no native bf16 and bf16 math runs ~10x slower here.
-    """
-    if requested != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+def effective_precision(hardware: Any) -> str:
+    """The precision actually used: fp32 on CPU (no native bf16 here; bf16 math is ~10x slower);
+    bf16 only where the GPU supports it (else fp16 with a warning)."""
     if str(hardware.device) == "cpu":
-        return torch.float32
-    return _DTYPES[str(hardware.precision)]
+        return "fp32"
+    wanted = str(hardware.precision)
+    if wanted == "bf16" and not torch.cuda.is_bf16_supported():
+        log.warning("hardware.precision=bf16 but this GPU has no bf16; using fp16 mixed precision")
+        return "fp16"
+    return wanted
 
 
-@dataclass
+def model_dtype(hardware: Any, requested: str = "auto") -> torch.dtype:
+    """Weights dtype of the ``ddp`` backend: ``model.dtype`` if set, else the effective precision."""
+    return get_backend_class(hardware).weights_dtype(hardware, requested)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_process_group(device: str) -> None:
+    """Join the torchrun job (gloo on CPU, nccl on GPU); a lone process gets a group of one, which
+    DeepSpeed and fully_shard need as well."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+
+
 class Backend:
-    """Single process or DistributedDataParallel, through Accelerate."""
+    """Interface every backend implements; the defaults suit plain torch modules."""
 
-    hardware: Any
-    accelerator: Any = field(default=None, repr=False)
+    kind = "base"
 
-    def __post_init__(self) -> None:
-        from accelerate import Accelerator
-
-        backend = str(self.hardware.backend)
-        if backend != "ddp":
-            # ZeRO and FSDP2 need their own engines on CPU; refusing beats silently running DDP.
-            raise NotImplementedError(
-                f"hardware.backend={backend!r} is not available in this build; valid here: 'ddp'"
-            )
-        cpu = str(self.hardware.device) == "cpu"
-        precision = "no" if cpu or str(self.hardware.precision) == "fp32" else str(self.hardware.precision)
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
+    def __init__(self, hardware: Any):
+        self.hardware = hardware
+        self.precision = effective_precision(hardware)
+        # sharding facts found when the model was prepared, for describe() / run.json
+        self.evidence: dict[str, Any] = {}
 
     # -- topology
     @property
     def world_size(self) -> int:
-        return self.accelerator.num_processes
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     @property
     def rank(self) -> int:
-        return self.accelerator.process_index
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     @property
     def is_main(self) -> bool:
-        return self.accelerator.is_main_process
+        return self.rank == 0
 
     @property
     def device(self) -> torch.device:
-        return self.accelerator.device
+        if str(self.hardware.device) == "cuda":
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
 
     @property
     def name(self) -> str:
-        return "ddp" if self.world_size > 1 else "single"
+        return self.kind
+
+    @classmethod
+    def weights_dtype(cls, hardware: Any, requested: str = "auto") -> torch.dtype:
+        if requested != "auto":
+            return _NAMED_DTYPES[requested]
+        precision = effective_precision(hardware)
+        # fp16 trains with fp32 master weights and a loss scaler; bf16 weights train directly
+        return torch.bfloat16 if precision == "bf16" else torch.float32
 
     # -- training
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        return self.accelerator.prepare(model, optimizer)
+    def prepare(
+        self, model: nn.Module, params: list[nn.Parameter], make_optimizer: MakeOptimizer, train: Any
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap ``model`` and build its optimizer over ``params``; returns what the loop steps.
+
+        The returned optimizer is the one a learning-rate scheduler drives (its ``param_groups``)."""
+        raise NotImplementedError
 
     def prepare_eval(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
     def no_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-        """Skip the gradient all-reduce on accumulation micro-steps that are not the last."""
-        return contextlib.nullcontext() if sync or self.world_size == 1 else self.accelerator.no_sync(model)
+        """Skip the gradient reduction on accumulation micro-steps that are not the last."""
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+        loss.backward()
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
+        """Clip (``max_grad_norm`` > 0), step, zero the gradients; returns the pre-clip gradient norm."""
         params = [p for p in model.parameters() if p.grad is not None]
-        if max_norm > 0:
-            return self.accelerator.clip_grad_norm_(params, max_norm)
-        norms = [p.grad.detach().norm(2) for p in params]
-        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return _to_float(norm)
+
+    def discard_gradients(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Drop this step's gradients without an update (non-finite loss)."""
+        optimizer.zero_grad(set_to_none=True)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return self.accelerator.autocast()
+        return contextlib.nullcontext()
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model)
+        return model
+
+    # -- saving
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Every weight, unsharded, on CPU, on the main process (None elsewhere). Collective."""
+        if not self.is_main:
+            return None
+        return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
+
+    def save_train_state(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Model + optimizer state for exact resume (replicated: the main process writes). Collective."""
+        if self.is_main:
+            trainable = {n: p.detach().cpu() for n, p in self.unwrap(model).named_parameters() if p.requires_grad}
+            torch.save({"model": trainable, "optimizer": optimizer.state_dict()}, Path(directory) / "train_state.pt")
+
+    def load_train_state(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        state = torch.load(Path(directory) / "train_state.pt", map_location="cpu", weights_only=False)
+        params = dict(self.unwrap(model).named_parameters())
+        with torch.no_grad():
+            for name, value in state["model"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
 
     # -- collectives
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return t
-        return self.accelerator.reduce(t.to(self.device), reduction="sum")
+        t = t.to(self.device).clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
 
     def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
+        if self.world_size > 1:
+            dist.barrier()
 
     def broadcast_object(self, obj: Any) -> Any:
         if self.world_size == 1:
             return obj
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([obj])[0]
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
-        with self.accelerator.main_process_first():
-            yield
+        """The main process runs the block first (e.g. builds a cache), then the others."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "world_size": self.world_size, "device": str(self.device)}
+        return {
+            "backend": self.name,
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "precision": self.precision,
+            **self.evidence,
+        }
 
+
+def _to_float(t: Any) -> float:
+    if t is None:
+        return float("nan")
+    if hasattr(t, "full_tensor"):  # a DTensor norm under FSDP2
+        t = t.full_tensor()
+    return float(t)
+
+
+# --------------------------------------------------------------------------------------------- ddp
+
+
+class DDPBackend(Backend):
+    """Single process or DistributedDataParallel, through Accelerate (mixed precision, grad scaler)."""
+
+    kind = "ddp"
+
+    def __init__(self, hardware: Any):
+        super().__init__(hardware)
+        from accelerate import Accelerator
+
+        cpu = str(hardware.device) == "cpu"
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision="no" if self.precision == "fp32" else self.precision)
+
+    @property
+    def name(self) -> str:
+        return "ddp" if self.world_size > 1 else "single"
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def prepare(self, model, params, make_optimizer, train):
+        model, optimizer = self.accelerator.prepare(model, make_optimizer(params))
+        self.evidence = {"wrapper": type(model).__name__}
+        return model, optimizer
+
+    def no_sync(self, model, sync):
+        return contextlib.nullcontext() if sync or self.world_size == 1 else self.accelerator.no_sync(model)
+
+    def backward(self, loss):
+        self.accelerator.backward(loss)
+
+    def optimizer_step(self, model, optimizer, max_grad_norm):
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = self.accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return _to_float(norm)
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
+
+
+# --------------------------------------------------------------------------------------- deepspeed
+
+
+class DeepSpeedBackend(Backend):
+    """DeepSpeed ZeRO (stage ``hardware.zero_stage``). ZeRO keeps fp32 master weights itself, so
+    weights load in the compute precision; gradient clipping and the update happen in ``engine.step``."""
+
+    kind = "deepspeed"
+
+    def __init__(self, hardware: Any):
+        super().__init__(hardware)
+        if int(hardware.zero_stage) not in (1, 2, 3):
+            raise ValueError(f"hardware.zero_stage={hardware.zero_stage}: backend=deepspeed needs 1, 2 or 3")
+        init_process_group(str(hardware.device))
+        self.engine: Any = None
+
+    @property
+    def name(self) -> str:
+        return f"deepspeed-zero{int(self.hardware.zero_stage)}"
+
+    @classmethod
+    def weights_dtype(cls, hardware, requested="auto"):
+        if requested != "auto":
+            return _NAMED_DTYPES[requested]
+        return _DTYPES[effective_precision(hardware)]
+
+    def ds_config(self, train: Any) -> dict[str, Any]:
+        zero: dict[str, Any] = {"stage": int(self.hardware.zero_stage)}
+        if self.hardware.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        return {
+            "train_micro_batch_size_per_gpu": int(train.micro_batch_size),
+            "gradient_accumulation_steps": int(train.grad_accum),
+            "train_batch_size": int(train.micro_batch_size) * int(train.grad_accum) * self.world_size,
+            "gradient_clipping": float(train.max_grad_norm),
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.precision == "bf16"},
+            "fp16": {"enabled": self.precision == "fp16"},
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+
+    def prepare(self, model, params, make_optimizer, train):
+        import deepspeed
+
+        optimizer = make_optimizer(params)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model.to(self.device), optimizer=optimizer, config=self.ds_config(train)
+        )
+        zero_opt = self.engine.optimizer
+        self.evidence = {
+            "optimizer": type(zero_opt).__name__,
+            "zero_stage": int(self.engine.zero_optimization_stage()),
+            "optimizer_partition_numel": _zero_partition_numel(zero_opt),
+            "trainable_numel": sum(int(getattr(p, "ds_numel", p.numel())) for p in params),
+        }
+        # The base optimizer's param_groups (same dicts ZeRO steps with) carry the scheduler's lr.
+        return self.engine, optimizer
+
+    def no_sync(self, model, sync):
+        # ZeRO-2/3 reduce every micro-step into partitions; the boundary flag tells ZeRO when to
+        # finish the reduction so one engine.step() applies the accumulated gradient.
+        self.engine.set_gradient_accumulation_boundary(sync)
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        # the loop already divides by the step's global item count
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def optimizer_step(self, model, optimizer, max_grad_norm):
+        self.engine.step()
+        return _to_float(self.engine.get_global_grad_norm())
+
+    def discard_gradients(self, model, optimizer):
+        # ZeRO holds reduced gradients in its partitions; its step skips the update and clears them
+        # when the gradient norm is not finite (its overflow path), which a non-finite loss gives.
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None and torch.isfinite(torch.as_tensor(norm)):
+            raise RuntimeError("DeepSpeed applied an update for a step whose loss was not finite")
+
+    def unwrap(self, model):
+        return getattr(model, "module", model)
+
+    def full_state_dict(self, model):
+        if int(self.hardware.zero_stage) == 3 and self.engine is not None:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # gathers to rank 0
+            return {k: v.cpu() for k, v in state.items()} if self.is_main else None
+        return super().full_state_dict(model)
+
+    def save_train_state(self, directory, model, optimizer):
+        # every rank writes its own ZeRO partition of the optimizer state
+        self.engine.save_checkpoint(str(directory), tag="zero", save_latest=False)
+
+    def load_train_state(self, directory, model, optimizer):
+        self.engine.load_checkpoint(
+            str(directory), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+
+
+def _zero_partition_numel(zero_opt: Any) -> int:
+    """Elements of fp32 master weights this rank owns: about 1/world of the trainable ones."""
+    groups = getattr(zero_opt, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+    if groups is None:
+        groups = getattr(zero_opt, "fp32_partitioned_groups_flat", [])  # ZeRO-3
+    return int(sum(g.numel() for g in groups))
+
+
+# ------------------------------------------------------------------------------------------- fsdp2
+
+
+class FSDP2Backend(Backend):
+    """torch FSDP2: ``fully_shard`` on each decoder layer (the model's ``_no_split_modules``), then on
+    the root. Parameters become DTensors sharded on dim 0; fp32 masters with bf16 compute on GPU."""
+
+    kind = "fsdp2"
+
+    def __init__(self, hardware: Any):
+        super().__init__(hardware)
+        init_process_group(str(hardware.device))
+
+    @classmethod
+    def weights_dtype(cls, hardware, requested="auto"):
+        # MixedPrecisionPolicy casts shards for compute; the sharded master weights stay fp32
+        return _NAMED_DTYPES[requested] if requested != "auto" else torch.float32
+
+    def prepare(self, model, params, make_optimizer, train):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.tensor import DTensor
+
+        ids = {id(p) for p in params}
+        names = [n for n, p in model.named_parameters() if id(p) in ids]
+        model = model.to(self.device)
+        kwargs: dict[str, Any] = {}
+        if self.precision != "fp32":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_DTYPES[self.precision], reduce_dtype=torch.float32)
+        blocks = set(getattr(_base_model(model), "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)
+        # fully_shard swaps every parameter for a DTensor one: rebuild the optimizer's list by name
+        named = dict(model.named_parameters())
+        sharded = [p for p in named.values() if isinstance(p, DTensor)]
+        self.evidence = {
+            "dtensor_params": len(sharded),
+            "params": len(named),
+            "placements": sorted({str(p.placements) for p in sharded}),
+            "local_numel": int(sum(p.to_local().numel() for p in sharded)),
+            "global_numel": int(sum(p.numel() for p in sharded)),
+        }
+        return model, make_optimizer([named[n] for n in names])
+
+    @contextlib.contextmanager
+    def no_sync(self, model, sync):
+        model.set_requires_gradient_sync(sync)
+        yield
+
+    def full_state_dict(self, model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
+
+    def save_train_state(self, directory, model, optimizer):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(Path(directory) / "dcp"))
+
+    def load_train_state(self, directory, model, optimizer):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optimizer": osd}
+        dcp.load(state, checkpoint_id=str(Path(directory) / "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (it declares ``_no_split_modules``)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+BACKENDS: dict[BackendKind, type[Backend]] = {
+    BackendKind.ddp: DDPBackend,
+    BackendKind.deepspeed: DeepSpeedBackend,
+    BackendKind.fsdp2: FSDP2Backend,
+}
 
 _BACKEND: Backend | None = None
 
 
+def get_backend_class(hardware: Any) -> type[Backend]:
+    try:
+        return BACKENDS[BackendKind(str(hardware.backend))]
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"hardware.backend={hardware.backend!r}; valid: {', '.join(str(k) for k in BACKENDS)}"
+        ) from None
+
+
 def get_backend(hardware: Any) -> Backend:
-    """One backend per process (Accelerate's state is process-global)."""
+    """One backend per process (process groups and Accelerate's state are process-global); a new
+    profile in the same process (tests) builds a new one."""
     global _BACKEND
-    if _BACKEND is None:
-        _BACKEND = Backend(hardware)
+    cls = get_backend_class(hardware)
+    if _BACKEND is None or type(_BACKEND) is not cls or _BACKEND.hardware != hardware:
+        _BACKEND = cls(hardware)
     return _BACKEND

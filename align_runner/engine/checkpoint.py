@@ -1,8 +1,10 @@
-"""Step checkpoints for exact resume: model, optimizer, scheduler and every RNG state.
+"""Step checkpoints for exact resume: model, optimizer, scheduler, every RNG state and the metrics so far.
 
-A checkpoint is written into ``step-N.tmp`` and renamed to ``step-N`` when complete, so a process
-killed mid-write leaves only a ``.tmp`` folder that restore ignores. The data position needs no state:
-the engine rebuilds any step's batches from (seed, step).
+A checkpoint is written into ``step-N.tmp`` and renamed to ``step-N`` when every process has finished
+writing, so a process killed mid-write leaves only a ``.tmp`` folder that restore ignores (and the next
+save deletes). Model and optimizer state go through the backend (a replicated file under DDP, ZeRO
+partitions under DeepSpeed, a sharded torch.distributed.checkpoint under FSDP2). The data position
+needs no state: the engine rebuilds any step's batches from (seed, step).
 """
 
 from __future__ import annotations
@@ -15,71 +17,84 @@ from typing import Any
 import numpy as np
 import torch
 
+META = "meta.pt"
+HISTORY = "metrics.jsonl"
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every GPU) so a stage's random draws repeat exactly."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class CheckpointManager:
+    """``<root>/step-N/``: ``meta.pt`` (step, scheduler), ``rng-<rank>.pt``, ``metrics.jsonl`` and the
+    backend's model/optimizer files. Keeps the newest ``keep_last``."""
+
     def __init__(self, root: Path, *, keep_last: int, backend: Any):
         self.root = Path(root)
         self.keep_last = max(1, keep_last)
         self.backend = backend
 
     def steps(self) -> list[int]:
+        """Steps of complete checkpoints, oldest first (``.tmp`` folders are unfinished writes)."""
         if not self.root.is_dir():
             return []
-        done = [p for p in self.root.glob("step-*") if not p.name.endswith(".tmp") and (p / "state.pt").exists()]
+        done = [p for p in self.root.glob("step-*") if not p.name.endswith(".tmp") and (p / META).exists()]
         return sorted(int(p.name.split("-")[1]) for p in done)
 
-    def save(self, step: int, model: torch.nn.Module, optimizer, scheduler) -> None:
-        """Every process saves its own RNG state; rank 0 writes model/optimizer (replicated under DDP)."""
-        rank = self.backend.rank
+    def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, *, history: Path | None = None) -> None:
+        """Collective: every process writes its RNG state and its part of the backend state."""
         final = self.root / f"step-{step}"
         tmp = self.root / f"step-{step}.tmp"
         if self.backend.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in self.root.glob("step-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.backend.barrier()
-        torch.save({"rng": _rng_state()}, tmp / f"rng-{rank}.pt")
+        self.backend.save_train_state(tmp, model, optimizer)
+        torch.save({"rng": rng_state()}, tmp / f"rng-{self.backend.rank}.pt")
         if self.backend.is_main:
-            trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-            torch.save(
-                {
-                    "step": step,
-                    "model": trainable,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                },
-                tmp / "state.pt",
-            )
+            if history is not None and Path(history).exists():
+                shutil.copyfile(history, tmp / HISTORY)
+            torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / META)
         self.backend.barrier()
         if self.backend.is_main:
+            shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in self.steps()[: -self.keep_last]:
                 shutil.rmtree(self.root / f"step-{old}", ignore_errors=True)
         self.backend.barrier()
 
-    def restore(self, model: torch.nn.Module, optimizer, scheduler) -> int:
-        """Load the newest complete checkpoint, if any; returns the step to continue from (0 = fresh)."""
-        steps = self.steps()
+    def restore(self, model: torch.nn.Module, optimizer, scheduler) -> tuple[int, Path | None]:
+        """Load the newest complete checkpoint, if any: (step to continue from, its folder).
+
+        (0, None) means a fresh start. Every process reads the same folder (the main process decides).
+        """
+        steps = self.backend.broadcast_object(self.steps())
         if not steps:
-            return 0
+            return 0, None
         d = self.root / f"step-{steps[-1]}"
-        state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in state["model"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        meta = torch.load(d / META, map_location="cpu", weights_only=False)
+        self.backend.load_train_state(d, model, optimizer)
+        scheduler.load_state_dict(meta["scheduler"])
         rng = d / f"rng-{self.backend.rank}.pt"
         if rng.exists():
-            _set_rng_state(torch.load(rng, weights_only=False)["rng"])
-        return int(state["step"])
+            set_rng_state(torch.load(rng, weights_only=False)["rng"])
+        return int(meta["step"]), d

@@ -118,24 +118,26 @@ class Engine:
             raise ValueError(f"{self.desc}: the train split is empty; nothing to train on")
         steps_per_epoch, total = self._plan(len(train_data))
         params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=t.lr,
-            betas=(t.adam_beta1, t.adam_beta2),
-            eps=t.adam_eps,
-            weight_decay=t.weight_decay,
-        )
+
+        def make_optimizer(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(
+                ps, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay
+            )
+
+        # the backend builds the optimizer: sharding backends replace parameters before it may exist
+        self.model, optimizer = self.backend.prepare(model, params, make_optimizer, t)
         scheduler = get_scheduler(
             str(t.scheduler),
             optimizer,
             num_warmup_steps=int(round(t.warmup_ratio * total)),
             num_training_steps=total,
         )
-        self.model, optimizer = self.backend.prepare(model, optimizer)
-        start = self.ckpt.restore(self.backend.unwrap(self.model), optimizer, scheduler)
+        start, ckpt_dir = self.ckpt.restore(self.model, optimizer, scheduler)
         result = FitResult(steps=total, resumed_from=start)
-        if start:
-            self.tracker.log_text(f"{self.desc}: resumed from step {start}/{total}")
+        if ckpt_dir is not None:
+            # metrics logged after the checkpoint by the interrupted run are dropped
+            self.tracker.restore_history(ckpt_dir)
+            self.tracker.log_text(f"{self.desc}: resumed from step {start}/{total} ({ckpt_dir})")
 
         bar = tqdm(
             total=total,
@@ -169,7 +171,7 @@ class Engine:
             step_loss = float(self.backend.all_reduce_sum(loss_total).item())
             if not math.isfinite(step_loss):
                 nonfinite += 1
-                optimizer.zero_grad(set_to_none=True)
+                self.backend.discard_gradients(self.model, optimizer)
                 self.tracker.log_text(f"{self.desc}: step {s + 1}: non-finite loss, step skipped")
                 if nonfinite > t.max_nonfinite:
                     raise NonFiniteLossError(
@@ -178,10 +180,8 @@ class Engine:
                     )
                 continue
             nonfinite = 0
-            grad_norm = self.backend.clip_grad_norm(self.model, t.max_grad_norm)
-            optimizer.step()
+            grad_norm = self.backend.optimizer_step(self.model, optimizer, t.max_grad_norm)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             bar.update(1)
 
             done = s + 1
@@ -197,7 +197,7 @@ class Engine:
             if eval_data and eval_step and t.eval_every > 0 and done % t.eval_every == 0 and done < total:
                 self.tracker.log(self.evaluate(eval_step, eval_data, collate), step=done)
             if t.save_every > 0 and done % t.save_every == 0 and done < total:
-                self.ckpt.save(done, self.backend.unwrap(self.model), optimizer, scheduler)
+                self.ckpt.save(done, self.model, optimizer, scheduler, history=self.tracker.path)
         bar.close()
         if eval_data and eval_step:
             final = self.evaluate(eval_step, eval_data, collate)

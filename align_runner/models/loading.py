@@ -118,10 +118,23 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def load_causal_lm(
-    path: str, *, dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False
+    path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    gradient_checkpointing: bool = False,
+    quantization: str | None = None,
 ) -> PreTrainedModel:
-    """`AutoModelForCausalLM` in `dtype`, optionally with (non-reentrant) gradient checkpointing."""
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision_for(path), **{_DTYPE_KWARG: dtype})
+    """`AutoModelForCausalLM` in `dtype`, optionally with (non-reentrant) gradient checkpointing.
+
+    `quantization` ("4bit" / "8bit", CUDA + bitsandbytes) loads a frozen quantized base for QLoRA,
+    placed on this process's GPU."""
+    from align_runner.models.peft import prepare_quantized, quantization_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=revision_for(path), **{_DTYPE_KWARG: dtype}, **quantization_kwargs(quantization, dtype)
+    )
+    if quantization is not None:
+        return prepare_quantized(model, gradient_checkpointing)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
@@ -179,18 +192,21 @@ def save_pretrained_atomic(
     out_dir: str,
     *,
     safe_serialization: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> str:
     """Save model (+ tokenizer) to `out_dir` so that readers see either nothing or the whole thing.
 
     Writes into `<out_dir>.tmp-<pid>` and renames it into place. An existing `out_dir` is replaced
-    (moved aside first, deleted after the new one is in place).
+    (moved aside first, deleted after the new one is in place). `state_dict` (full, unsharded) replaces
+    the model's own, for models whose parameters are sharded across processes.
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, **_serialization_kwargs(model, safe_serialization))
+        extra = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(tmp, **_serialization_kwargs(model, safe_serialization), **extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _replace_dir(tmp, out)

@@ -3,7 +3,9 @@
 ``pipeline.stages: null`` (pipeline=auto) derives the graph from ``algorithm.stages``: data_prep feeds
 every stage; each training stage starts from the previous training stage's model (the first from
 ``model.source``). The main stage (``algorithm.kind``) reads ``algorithm``; an upstream training stage
-reads ``upstream.<kind>``. With ``pipeline.eval``, eval runs on the main stage's input and output.
+reads ``upstream.<kind>``. With ``pipeline.eval``, eval runs on the main stage's input and output
+(when that output is a policy, not a scorer). A stage that reads reference log-probs (DPO) gets a
+``ref_logps`` stage right before it, on the same input model, reading its ``reference`` config node.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from align_runner.stages.context import StageSpec
 
 class PipelineConfigError(ValueError):
     """The pipeline graph cannot be built from this config."""
+
+
+# Kinds that read precomputed reference log-probs from a ref_logps stage (named by their config's
+# ``reference.stage``) instead of running a reference model: a sweep over their loss reuses it.
+READS_REFERENCE = frozenset({"dpo"})
 
 
 def build_graph(cfg: DictConfig) -> list[StageSpec]:
@@ -37,15 +44,21 @@ def _auto(cfg: DictConfig) -> list[StageSpec]:
         if kind == "data_prep":
             specs.append(StageSpec("data_prep", "data_prep", config="data"))
             continue
+        trains = get_stage(kind).trains  # an unknown kind fails here, listing the known ones
         config = "algorithm" if kind == main else f"upstream.{kind}"
         if OmegaConf.select(cfg, config) is None:
             raise PipelineConfigError(f"stage {kind!r} runs before {main!r} but the config has no {config!r} node")
-        if kind == main and cfg.pipeline.eval:
+        # eval generates with the stage's output, so a scorer (reward model) gets none
+        evaluate = kind == main and cfg.pipeline.eval and get_stage(kind).policy
+        if evaluate:
             specs.append(StageSpec("eval_before", "eval", config="eval", model_from=model_from))
+        if kind in READS_REFERENCE:
+            ref = f"{config}.reference"
+            specs.append(StageSpec(str(OmegaConf.select(cfg, f"{ref}.stage")), "ref_logps", config=ref, model_from=model_from))
         specs.append(StageSpec(kind, kind, config=config, model_from=model_from))
-        if get_stage(kind).trains:
+        if trains and get_stage(kind).policy:
             model_from = kind
-        if kind == main and cfg.pipeline.eval:
+        if evaluate:
             specs.append(StageSpec("eval_after", "eval", config="eval", model_from=model_from))
     return specs
 
@@ -71,8 +84,21 @@ def _check(specs: list[StageSpec], cfg: DictConfig) -> None:
                 raise PipelineConfigError(f"stage {s.name!r}: model_from {s.model_from!r} produces no model")
         if OmegaConf.select(cfg, s.config) is None:
             raise PipelineConfigError(f"stage {s.name!r}: config node {s.config!r} does not exist")
+        if s.kind in READS_REFERENCE:
+            _check_reference(s, [x for x in specs if x.name in seen], cfg)
         del kind
         seen.add(s.name)
+
+
+def _check_reference(spec: StageSpec, earlier: list[StageSpec], cfg: DictConfig) -> None:
+    """The ref_logps stage ``spec`` reads runs before it, on the same input model."""
+    name = OmegaConf.select(cfg, f"{spec.config}.reference.stage")
+    ref = next((x for x in earlier if x.name == name), None)
+    if ref is None or ref.kind != "ref_logps" or ref.model_from != spec.model_from:
+        raise PipelineConfigError(
+            f"stage {spec.name!r} reads reference log-probs from stage {name!r} ({spec.config}.reference.stage), "
+            f"which must be an earlier stage of kind 'ref_logps' with model_from {spec.model_from!r}"
+        )
 
 
 def needed_views(specs: list[StageSpec]) -> list[str]:
@@ -104,4 +130,7 @@ def stage_config(cfg: DictConfig, spec: StageSpec, views: list[str]) -> dict[str
         out["section"] = {k: v for k, v in section.items() if k != "train"}
         # numerics and the effective batch depend on these; the backend's name does not
         out["hardware"] = {"precision": str(cfg.hardware.precision), "num_processes": int(cfg.hardware.num_processes) * int(cfg.hardware.num_nodes)}
+    else:
+        # model outputs (reference log-probs, generations) depend on the precision they run in
+        out["hardware"] = {"precision": str(cfg.hardware.precision)}
     return out

@@ -20,10 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import align_runner
 from align_runner.engine.backend import get_backend
+from align_runner.engine.checkpoint import seed_everything
 from align_runner.fsutil import atomic_write_json
 from align_runner.pipeline.graph import build_graph, needed_views, stage_config
 from align_runner.pipeline.keys import stage_key
 from align_runner.pipeline.store import StageStore
+from align_runner.redact import redact
 from align_runner.registry import get_stage
 from align_runner.stages.context import StageContext, StageSpec
 
@@ -110,12 +112,14 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
     store = StageStore(cfg.paths.store)
     stages = plan(cfg, store)
     backend = get_backend(cfg.hardware)
+    _check_ranks_agree(backend, stages)
     base_model: str | None = None
     dirs: dict[str, Path] = {}
     records: list[StageRecord] = []
     if backend.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(resolved)))
 
     for p in stages:
         t0 = time.perf_counter()
@@ -136,7 +140,13 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
         del kind
     objective = _objective(cfg, records)
     if backend.is_main:
-        atomic_write_json(run_dir / "run.json", _run_manifest(cfg, records, objective, backend))
+        atomic_write_json(run_dir / "run.json", redact(_run_manifest(cfg, records, objective, backend)))
+        try:
+            from align_runner.report import write_report  # the report sits above the pipeline layer
+
+            write_report(run_dir)
+        except Exception:  # a report bug must never fail a run whose stages all finished
+            log.warning("could not write the run report in %s", run_dir, exc_info=True)
     return RunResult(run_dir, records, objective)
 
 
@@ -166,6 +176,8 @@ def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model,
             params=params,
         )
         t0 = time.perf_counter()
+        # same seed on every rank: random inits (adapters, heads) must agree before sharding/DDP
+        seed_everything(int(cfg.seed))
         metrics = {k: float(v) for k, v in (get_stage(p.spec.kind).fn(ctx) or {}).items()}
         ctx.tracker.close()
         backend.barrier()
@@ -178,7 +190,7 @@ def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model,
                     "kind": p.spec.kind,
                     "key": p.key,
                     "upstream": p.upstream,
-                    "config": p.config,
+                    "config": redact(p.config),
                     "metrics": metrics,
                     "seconds": time.perf_counter() - t0,
                     "align_runner": align_runner.__version__,
@@ -190,6 +202,14 @@ def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model,
     finally:
         if lock is not None:
             lock.release()
+
+
+def _check_ranks_agree(backend, stages: list[PlannedStage]) -> None:
+    """Every process must compute the same stage keys, or they would write and read different dirs."""
+    keys = [(p.spec.name, p.key) for p in stages]
+    main = backend.broadcast_object(keys)
+    if main != keys:
+        raise RuntimeError(f"rank {backend.rank} planned stage keys {keys} but rank 0 planned {main}")
 
 
 def _resolve_base_model(cfg: DictConfig, backend) -> str:

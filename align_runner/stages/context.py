@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from align_runner.engine.backend import Backend, model_dtype
 from align_runner.engine.loop import Engine
-from align_runner.engine.trackers import Tracker
+from align_runner.engine.trackers import Tracker, job_identity
 from align_runner.fsutil import atomic_write_json
 
 log = logging.getLogger("align_runner")
@@ -86,23 +86,40 @@ class StageContext:
         return load_tokenizer(self.input_model_path())
 
     def load_policy(self):
+        """The input model; in a training stage with ``model.lora`` set, wrapped with fresh adapters."""
         from align_runner.models.loading import load_causal_lm
+        from align_runner.registry import get_stage
 
+        m = self.cfg.model
         model = load_causal_lm(
             self.input_model_path(),
             dtype=self.dtype,
-            gradient_checkpointing=bool(self.cfg.model.gradient_checkpointing),
+            gradient_checkpointing=bool(m.gradient_checkpointing),
+            quantization=m.quantization,
         )
-        return model.to(self.backend.device)
+        if m.lora is not None and get_stage(self.spec.kind).trains:
+            from align_runner.models.peft import apply_lora
+
+            model = apply_lora(model, m.lora)
+        # a quantized base is already placed on its GPU by from_pretrained
+        return model if m.quantization else model.to(self.backend.device)
 
     def save_model(self, model, tokenizer) -> Path:
-        """Save the final model in Hugging Face layout under ``<stage>/model`` (main process only)."""
+        """Save the final model in Hugging Face layout under ``<stage>/model`` (main process writes).
+
+        Collective: the backend gathers sharded weights to the main process. A LoRA policy saves its
+        adapter in ``model/adapter/`` and the merged full model in ``model/`` (models/peft.py)."""
         from align_runner.models.loading import save_pretrained_atomic
+        from align_runner.models.peft import is_peft_model, save_lora_artifact
 
         out = self.out_dir / "model"
-        self.backend.barrier()
+        state = self.backend.full_state_dict(model)
         if self.is_main:
-            save_pretrained_atomic(self.backend.unwrap(model), tokenizer, str(out))
+            unwrapped = self.backend.unwrap(model)
+            if is_peft_model(unwrapped):
+                save_lora_artifact(unwrapped, state, tokenizer, out, base=self.input_model_path(), dtype=self.dtype)
+            else:
+                save_pretrained_atomic(unwrapped, tokenizer, str(out), state_dict=state)
         self.backend.barrier()
         return out
 
@@ -122,14 +139,17 @@ class StageContext:
     @cached_property
     def tracker(self) -> Tracker:
         tr = self.cfg.tracking
+        name, group = job_identity(self.run_name)
         return Tracker(
             self.out_dir,
             stage=self.spec.name,
             enabled=self.is_main,
             backends=list(tr.backends),
             project=tr.project,
-            run_name=tr.run_name or self.run_name,
-            group=tr.group,
+            run_name=tr.run_name or name,
+            group=tr.group or group,
+            config=OmegaConf.to_container(self.cfg, resolve=True) if tr.backends else None,
+            api_key=tr.get("api_key"),
         )
 
     def engine(self) -> Engine:

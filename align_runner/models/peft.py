@@ -1,0 +1,181 @@
+"""LoRA / DoRA / rsLoRA adapters on the policy, QLoRA loading, and merging adapters into full models.
+
+A LoRA stage's artifact is ``<stage>/model/``: the **merged** full Hugging Face model (so every later
+stage, eval and export load it like any model) with the trained adapter beside it in
+``<stage>/model/adapter/`` (``adapter_config.json`` + ``adapter_model.safetensors``). The merge is
+``merge_adapter``, which also serves as the export helper for an adapter trained elsewhere.
+
+LoRA (Hu et al. 2021): W' = W + (alpha / r) * B @ A, with A (r x in) random and B (out x r) zero at
+start, so the adapted model starts equal to its base. rsLoRA scales by alpha / sqrt(r); DoRA (Liu et
+al. 2024) also learns a per-output-row magnitude of W'.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ADAPTER_DIR = "adapter"
+
+
+class QuantizationUnavailableError(ValueError):
+    """model.quantization was asked for where it cannot run (no CUDA, no bitsandbytes, no LoRA)."""
+
+
+def peft_lora_config(lora: Any):
+    """``peft.LoraConfig`` from the ``model.lora`` node."""
+    from peft import LoraConfig, TaskType
+
+    targets = lora.target_modules
+    if not isinstance(targets, str):
+        targets = [str(t) for t in targets]
+    return LoraConfig(
+        r=int(lora.r),
+        lora_alpha=int(lora.alpha),
+        lora_dropout=float(lora.dropout),
+        target_modules=targets,
+        use_rslora=bool(lora.use_rslora),
+        use_dora=bool(lora.use_dora),
+        task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def apply_lora(model: nn.Module, lora: Any) -> nn.Module:
+    """Wrap ``model`` in a PEFT model with fresh adapters; only adapter weights require grad.
+
+    The adapters' A matrices are drawn from torch's global RNG: seed first for reproducibility."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_lora_config(lora))
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def save_lora_artifact(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    base: str,
+    dtype: torch.dtype = torch.float32,
+) -> str:
+    """Write ``out_dir/adapter/`` (from ``state_dict``, the PEFT model's full state) and the merged model
+    in ``out_dir``. ``state_dict`` comes from the backend, so sharded models save too; the training
+    model itself is not touched (the merge happens on a fresh copy of ``base``)."""
+    from align_runner.models.loading import _replace_dir
+
+    out = Path(out_dir)
+    staging = out.with_name(f"{out.name}.lora-staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging / ADAPTER_DIR, state_dict=state_dict)
+        merged = staging / "merged"
+        merge_adapter(staging / ADAPTER_DIR, merged, base=base, dtype=dtype, tokenizer=tokenizer)
+        shutil.move(str(staging / ADAPTER_DIR), str(merged / ADAPTER_DIR))
+        _replace_dir(merged, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(out)
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """The adapter folder of a stage's ``model/`` (or ``path`` itself when it is one)."""
+    p = Path(path)
+    if (p / "adapter_config.json").exists():
+        return p
+    if (p / ADAPTER_DIR / "adapter_config.json").exists():
+        return p / ADAPTER_DIR
+    raise FileNotFoundError(f"{p} holds no LoRA adapter (no adapter_config.json here or in {ADAPTER_DIR}/)")
+
+
+def merge_adapter(
+    stage_model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: Any = None,
+) -> str:
+    """Merge a LoRA adapter into its base and save a full Hugging Face model in ``out_dir``.
+
+    ``stage_model_dir``: a stage's ``model/`` (adapter in ``adapter/``) or an adapter folder.
+    ``base``: the base model; default: the ``base_model_name_or_path`` the adapter records.
+    """
+    from peft import PeftModel
+
+    from align_runner.models.loading import load_causal_lm, load_tokenizer, save_pretrained_atomic
+
+    src = adapter_dir(stage_model_dir)
+    if base is None:
+        base = json.loads((src / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(load_causal_lm(str(base), dtype=dtype), str(src))
+    merged = model.merge_and_unload()
+    return save_pretrained_atomic(merged, tokenizer if tokenizer is not None else load_tokenizer(str(base)), str(out_dir))
+
+
+# ------------------------------------------------------------------------------------ quantization
+
+
+def check_quantization(model_cfg: Any, hardware: Any) -> None:
+    """Fail at validation time (before any model loads) when QLoRA cannot run here."""
+    q = model_cfg.get("quantization")
+    if q is None:
+        return
+    where = f"model.quantization={q}"
+    if model_cfg.get("lora") is None:
+        raise QuantizationUnavailableError(
+            f"{where} trains LoRA adapters on a frozen quantized base (QLoRA); add +model/lora=default"
+        )
+    if str(hardware.device) != "cuda":
+        raise QuantizationUnavailableError(
+            f"{where} needs a CUDA GPU (bitsandbytes kernels); hardware={hardware.name} runs on {hardware.device}. "
+            "Use a GPU profile such as hardware=1xgpu, or drop model.quantization"
+        )
+    if str(hardware.backend) != "ddp":
+        raise QuantizationUnavailableError(f"{where} runs with hardware.backend=ddp only, not {hardware.backend}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationUnavailableError(f"{where} needs bitsandbytes: pip install bitsandbytes")
+    if not torch.cuda.is_available():
+        raise QuantizationUnavailableError(f"{where}: hardware.device=cuda but torch sees no CUDA GPU here")
+
+
+def quantization_kwargs(quantization: str | None, compute_dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for a 4-bit (NF4, double quant) or 8-bit base."""
+    if quantization is None:
+        return {}
+    import os
+
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": bnb, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
+
+
+def prepare_quantized(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
+    """PEFT's k-bit preparation: fp32 norms/head, input grads for checkpointing through frozen layers."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )

@@ -1,0 +1,65 @@
+"""reward: a scalar reward model (a score head on the input backbone) trained on preference pairs.
+
+The loss is ``algorithm.loss``, by default the Bradley-Terry loss with optional reward centering
+(``align_runner.algos.reward.bradley_terry_loss``). A prepared preference row with a numeric
+``margin`` field gets that margin in the loss (Llama 2's preference strength). The model is saved as
+a Hugging Face sequence classifier with ``num_labels=1``: ``AutoModelForSequenceClassification``
+reloads it, and its logit at the last real token of prompt + response is the reward. Later stages
+read it as a scorer, never continue training it as a policy (``policy=False``).
+
+Metrics: ``accuracy``, ``margin``, ``rewards/chosen_mean``, ``rewards/rejected_mean``, ``rewards/std``
+on the training batches, and the same under ``eval/`` on the held-out preference split.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from hydra.utils import instantiate
+
+from align_runner.algos.types import LossOutput
+from align_runner.data.collate import collate_preference
+from align_runner.models.loading import enable_gradient_checkpointing, load_sequence_classifier
+from align_runner.registry import register_stage
+from align_runner.stages.context import StageContext
+
+
+def pair_margin(batch: dict) -> torch.Tensor | None:
+    """The batch's per-pair ``margin`` (B,), or None when the rows have none."""
+    margin = batch.get("margin")
+    if margin is None or isinstance(margin, torch.Tensor):
+        return margin
+    # collate_preference leaves a field as a list when some row lacks it or it is not a number
+    raise ValueError(f"the 'margin' field must be a number in every preference row, got {margin!r}")
+
+
+def reward_step(model, batch: dict, *, loss_fn) -> LossOutput:
+    """Score the 2B chosen + rejected rows in one forward; the loss is the mean over the B pairs."""
+    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    chosen, rejected = scores.chunk(2)
+    margin = pair_margin(batch)
+    return loss_fn(chosen, rejected, margin=None if margin is None else margin.to(scores.dtype))
+
+
+@register_stage("reward", trains=True, views=("preference",), policy=False)
+def run_reward(ctx: StageContext) -> dict[str, float]:
+    tokenizer = ctx.tokenizer()
+    # The score head is new and random: seed its initialisation so the stage key fixes the result.
+    torch.manual_seed(int(ctx.cfg.seed))
+    model = load_sequence_classifier(ctx.input_model_path(), dtype=ctx.dtype)
+    if ctx.cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = model.to(ctx.backend.device)
+    step = partial(reward_step, loss_fn=instantiate(ctx.section.loss))
+    eval_rows = ctx.dataset("preference", "eval") if ctx.has_dataset("preference", "eval") else None
+    result = ctx.engine().fit(
+        step,
+        model=model,
+        train_data=ctx.dataset("preference", "train"),
+        collate=partial(collate_preference, pad_id=tokenizer.pad_token_id),
+        eval_data=eval_rows,
+        eval_step=step,
+    )
+    ctx.save_model(model, tokenizer)
+    return result.metrics

@@ -1,0 +1,120 @@
+"""The config tree composes in every combination users reach for, and bad config fails while composing,
+before any model loads, with a message naming the key and what is valid."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import align_runner
+from align_runner.api import compose
+from align_runner.validate import CONF_DIR, ConfigError, check_targets
+
+GROUPS = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir() and any(d.glob("*.yaml")))
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in GROUPS for o in _options(g)], ids=lambda v: str(v)
+)
+def test_every_option_of_every_group_composes(group, option):
+    cfg = compose([f"{group}={option}"])
+    check_targets(cfg)  # every _target_ imports and takes the keys beside it
+
+
+def test_required_groups_exist():
+    assert {"model", "data", "algorithm", "hardware", "pipeline", "train", "tracking", "paths"} <= set(GROUPS)
+    assert {"tiny", "smollm2-135m", "qwen0.5b", "qwen1.5b", "llama3-8b"} <= set(_options("model"))
+    assert {"cpu", "1xgpu", "4xa100", "8xh100"} <= set(_options("hardware"))
+
+
+def test_every_yaml_starts_with_a_usage_comment():
+    for path in CONF_DIR.rglob("*.yaml"):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("#") and "align_runner" in path.read_text().split("\n\n")[0], path
+
+
+def test_every_module_imports():
+    names = [m.name for m in pkgutil.walk_packages(align_runner.__path__, "align_runner.")]
+    assert "align_runner.engine.loop" in names
+    for name in names:
+        importlib.import_module(name)
+
+
+def test_cli_prints_the_job_config_offline():
+    out = subprocess.run(
+        [sys.executable, "-m", "align_runner", "--cfg", "job", "algorithm=dpo", "model=qwen0.5b", "hardware=4xa100"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in out.stdout
+    assert "zero_stage: 2" in out.stdout and "kind: dpo" in out.stdout
+
+
+def test_misspelt_top_level_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"'trian'.*Did you mean 'train'.*Valid keys:.*train"):
+        compose(["trian.lr=1"])
+
+
+def test_misspelt_nested_key_names_the_parent():
+    with pytest.raises(ConfigError, match=r"'lrr' is not a key of train.*Did you mean 'lr'"):
+        compose(["train.lrr=1"])
+
+
+def test_unknown_group_option_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"model=qwen9b: no such option.*Valid options:.*qwen0.5b.*tiny"):
+        compose(["model=qwen9b"])
+
+
+def test_bad_enum_value_lists_the_choices():
+    with pytest.raises(Exception, match=r"keep_start.*keep_end.*drop"):
+        compose(["data.truncation=middle"])
+
+
+def test_bad_value_range_names_the_key():
+    with pytest.raises(ConfigError, match=r"train.lr=-1.0: expected a positive learning rate"):
+        compose(["train.lr=-1"])
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size=0"):
+        compose(["train.micro_batch_size=0"])
+
+
+def test_misspelt_loss_parameter_is_caught_against_the_function_signature():
+    with pytest.raises(ConfigError, match=r"algorithm.loss.bta: .*sigmoid_loss has no parameter 'bta'.*Did you mean 'beta'"):
+        compose(["algorithm=dpo", "algorithm.loss.bta=0.1"])
+
+
+def test_unimportable_target_names_the_key():
+    with pytest.raises(ConfigError, match=r"algorithm.loss._target_='align_runner.algos.dpo.nope_loss' cannot be imported"):
+        compose(["algorithm=dpo", "algorithm.loss._target_=align_runner.algos.dpo.nope_loss"])
+
+
+def test_unknown_stage_kind_lists_known_kinds():
+    with pytest.raises(KeyError, match=r"unknown stage kind 'sftt'; known kinds: .*data_prep.*sft"):
+        compose(["algorithm.stages=[data_prep,sftt,sft]"])
+
+
+def test_cli_reports_config_errors_without_a_traceback():
+    out = subprocess.run(
+        [sys.executable, "-m", "align_runner", "trian.lr=1"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2
+    assert "config error" in out.stderr and "Did you mean 'train'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_auto_pipelines_follow_the_algorithm():
+    from align_runner.pipeline.graph import build_graph
+
+    def names(overrides):
+        return [(s.name, s.model_from) for s in build_graph(compose(overrides))]
+
+    assert names(["pipeline.eval=false"]) == [("data_prep", None), ("sft", None)]
+    assert names([]) == [("data_prep", None), ("eval_before", None), ("sft", None), ("eval_after", "sft")]
