@@ -118,3 +118,13 @@ def test_auto_pipelines_follow_the_algorithm():
 
     assert names(["pipeline.eval=false"]) == [("data_prep", None), ("sft", None)]
     assert names([]) == [("data_prep", None), ("eval_before", None), ("sft", None), ("eval_after", "sft")]
+
+
+def test_console_script_is_the_same_entry_point():
+    import shutil
+
+    exe = shutil.which("align-runner")
+    assert exe is not None, "pip install -e . installs the align-runner script"
+    out = subprocess.run([exe, "--cfg", "job", "model=tiny"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "build_tiny" in out.stdout

@@ -68,8 +68,9 @@ def test_reward_model_learns_the_rule_and_reloads_as_a_scorer(tiny, rule_data):
     train = [r for r in rows if "accuracy" in r]
     assert len(train) == 16
     assert {"accuracy", "margin", "rewards/chosen_mean", "rewards/rejected_mean", "rewards/std"} <= set(train[0])
-    assert train[0]["accuracy"] < 0.5 < 0.9 <= train[-1]["accuracy"]  # a random head ranks at chance
-    assert train[-1]["margin"] > train[0]["margin"] + 1.0
+    # the random head starts with reward gaps near 0; training opens them up
+    assert abs(train[0]["margin"]) < 0.2 and train[-1]["margin"] > 1.0
+    assert train[-1]["accuracy"] >= 0.9
     assert result.stage("reward").metrics["eval/accuracy"] >= 0.9
 
     # The artifact is a plain HF sequence classifier: reload it and score held-out pairs as a user would
