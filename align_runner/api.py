@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ from omegaconf import DictConfig
 
 from align_runner.config import register_configs
 from align_runner.validate import CONF_DIR, ConfigError, check_override_keys, validate
+
+log = logging.getLogger("align_runner")
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
@@ -34,7 +37,23 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
             cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
             raise ConfigError(f"{e}{cause}") from e
     validate(cfg)
+    _warn_shadowed(overrides, cfg)
     return cfg
+
+
+def _warn_shadowed(overrides: Sequence[str], cfg: DictConfig) -> None:
+    """`train.lr=...` does not reach a stage whose algorithm sets its own lr: say so."""
+    for ov in overrides:
+        key = ov.split("=", 1)[0]
+        if not key.startswith("train."):
+            continue
+        name = key.split(".", 1)[1]
+        own = cfg.algorithm.get("train") or {}
+        if name in own:
+            log.warning(
+                "%s is overridden for the %s stage by algorithm.train.%s=%s; set algorithm.train.%s to change it there",
+                key, cfg.algorithm.kind, name, own[name], name,
+            )
 
 
 def run(overrides: Sequence[str] = (), *, run_dir: str | Path | None = None):

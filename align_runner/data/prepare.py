@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from jinja2 import TemplateError
+from tqdm.auto import tqdm
 
 from align_runner.data.errors import DataError
 from align_runner.data.formats import Format, Kind, detect_source_format, validate_row
@@ -57,6 +58,7 @@ def prepare_rows(
     completion_only_loss: bool = True,
     assistant_only_loss: bool = True,
     chat_template: str | None = None,
+    progress: bool = False,
 ) -> tuple[list[dict], PrepStats]:
     """Detect, validate, convert and tokenize ``rows`` for ``view``, then fit them to the lengths.
 
@@ -71,6 +73,7 @@ def prepare_rows(
     position 0 (the first token is never a target), a preference row two non-empty responses,
     a prompt row a non-empty prompt.
 
+    ``progress`` shows a bar with ETA (large hub datasets take minutes).
     Raises ``ValueError`` for an unknown view or truncation, :class:`DataError` for bad rows.
     """
     if view not in VIEWS:
@@ -82,7 +85,8 @@ def prepare_rows(
     _check_view(fmt, view, label)
     examples: list[dict] = []
     stats = PrepStats(total=len(rows))
-    for index, row in enumerate(rows):
+    bar = tqdm(rows, desc=f"data_prep {view}", disable=not progress, dynamic_ncols=True, leave=False)
+    for index, row in enumerate(bar):
         validate_row(row, fmt, label, index)
         try:
             example = _tokenize(row, fmt, view, tokenizer, completion_only_loss, assistant_only_loss, chat_template)

@@ -65,6 +65,7 @@ def run_data_prep(ctx: StageContext) -> dict[str, float]:
                 completion_only_loss=data.completion_only_loss,
                 assistant_only_loss=data.assistant_only_loss,
                 chat_template=data.chat_template,
+                progress=ctx.is_main and ctx.train.progress,
             )
             log.info(
                 "data_prep %s/%s from %s: %d rows, kept %d, truncated %d, dropped %d",
