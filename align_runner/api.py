@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,10 +17,10 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from align_runner.config import register_configs
-from align_runner.validate import CONF_DIR, ConfigError, check_override_keys, validate
+from align_runner.validate import CONF_DIR, ConfigError, check_override_keys, check_targets, validate
 
 log = logging.getLogger("align_runner")
 
@@ -29,16 +30,39 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     check_override_keys(overrides)
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        try:
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
-        except ConfigCompositionException as e:
-            # Hydra's message names the override; the cause says what was expected
-            cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
-            raise ConfigError(f"{e}{cause}") from e
+    except ConfigCompositionException as e:
+        raise _explain(e, overrides) from e
     validate(cfg)
     _warn_shadowed(overrides, cfg)
     return cfg
+
+
+def _explain(e: ConfigCompositionException, overrides: Sequence[str]) -> ConfigError:
+    """A ConfigError naming the override and what is valid there.
+
+    A new key inside a ``_target_`` node (``algorithm.loss.bta=0.1``) fails Hydra's struct check
+    with advice to append it with ``+``; the useful answer is the callable's parameter names.
+    """
+    cause = str(e.__cause__).splitlines()[0] if e.__cause__ else ""
+    bad = re.search(r"Could not override '([^']+)'", str(e))
+    if bad and "not in struct" in str(e.__cause__):
+        key = bad.group(1)
+        parent, _, leaf = key.rpartition(".")
+        rest = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == key]
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            node = OmegaConf.select(hydra_compose(config_name="config", overrides=rest), parent) if parent else None
+        if isinstance(node, DictConfig) and "_target_" in node:
+            try:
+                check_targets(OmegaConf.create({"_": {**OmegaConf.to_container(node), leaf: None}}))
+            except ConfigError as err:
+                return ConfigError(str(err).replace("_.", f"{parent}.", 1))
+        if isinstance(node, DictConfig):
+            return ConfigError(f"unknown config key {key!r}: {leaf!r} is not a key of {parent}. Valid keys: {', '.join(map(str, node))}")
+    return ConfigError(f"{e}: {cause}" if cause else str(e))
 
 
 def _warn_shadowed(overrides: Sequence[str], cfg: DictConfig) -> None:

@@ -168,3 +168,8 @@ def test_chat_template_exception_names_the_row():
     rows = [{"messages": [USER, GOOD]}, {"messages": [GOOD, USER]}]
     with pytest.raises(DataError, match=r"^f: row 1: must start with user"):
         prepare_rows(rows, "f", "sft", word_tokenizer(strict), max_length=64)
+
+
+def test_preference_margin_column_reaches_the_prepared_rows(wt):
+    examples, _ = prepare_rows([{**PREF_ROW, "margin": 2.5}, PREF_ROW], "s", "preference", wt, max_length=8)
+    assert examples[0]["margin"] == 2.5 and "margin" not in examples[1]

@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaForCausalLM
 from align_runner.stages import ref_logps
 
 # DPO after SFT, without the generation evals; a learning rate the tiny model moves with
-DPO = ["algorithm=dpo", "algorithm.train.lr=1e-3", "pipeline.eval=false"]
+DPO = ["algorithm=dpo", "algorithm.train.lr=1e-3", "pipeline.eval=false", "data.preference.eval.limit=16"]
 STAGES = ["data_prep", "sft", "ref_logps", "dpo"]
 
 
@@ -54,9 +54,9 @@ def test_beta_sweep_reuses_sft_and_reference_and_runs_no_reference_forward(tiny,
     second = run([*tiny, *DPO, "algorithm.loss.beta=0.1"])
     assert _hits(second) == {"data_prep": True, "sft": True, "ref_logps": True, "dpo": False}
     assert counters["reference"] == 0
-    # one forward per micro-batch, the policy's: 4 train steps of one micro-batch + 64 eval pairs / 8.
+    # one forward per micro-batch, the policy's: 4 train steps of one micro-batch + 16 eval pairs / 8.
     # A reference forward per batch would double this.
-    assert counters["forward"] == 4 + 64 // 8
+    assert counters["forward"] == 4 + 16 // 8
     assert second.stage("ref_logps").key == first.stage("ref_logps").key
     assert second.stage("dpo").key != first.stage("dpo").key
     manifest = json.loads((second.run_dir / "run.json").read_text())
@@ -70,10 +70,20 @@ def test_beta_sweep_reuses_sft_and_reference_and_runs_no_reference_forward(tiny,
 def test_cli_multirun_sweep_shares_upstream_stages(tmp_path, model_cache):
     outputs = tmp_path / "outputs"
     cmd = [
-        sys.executable, "-m", "align_runner", "-m", *DPO, "algorithm.loss.beta=0.05,0.1",
-        "model=tiny", f"paths.outputs={outputs}", f"paths.cache={model_cache}",
-        "data.sft.train.limit=16", "data.preference.train.limit=16", "data.preference.eval.limit=8",
-        "train.max_steps=2", "train.lr=1e-3", "train.progress=false",
+        sys.executable,
+        "-m",
+        "align_runner",
+        "-m",
+        *DPO,
+        "algorithm.loss.beta=0.05,0.1",
+        "model=tiny",
+        f"paths.outputs={outputs}",
+        f"paths.cache={model_cache}",
+        "data.sft.train.limit=16",
+        "data.preference.train.limit=16",
+        "train.max_steps=2",
+        "train.lr=1e-3",
+        "train.progress=false",
     ]
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -90,7 +100,12 @@ def test_cli_multirun_sweep_shares_upstream_stages(tmp_path, model_cache):
     assert (beta0, beta1) == (0.05, 0.1)
     assert list(job0) == list(job1) == STAGES
     assert not any(s["cache_hit"] for s in job0.values())
-    assert {n: s["cache_hit"] for n, s in job1.items()} == {"data_prep": True, "sft": True, "ref_logps": True, "dpo": False}
+    assert {n: s["cache_hit"] for n, s in job1.items()} == {
+        "data_prep": True,
+        "sft": True,
+        "ref_logps": True,
+        "dpo": False,
+    }
     for name in ("data_prep", "sft", "ref_logps"):
         assert job0[name]["key"] == job1[name]["key"]
     assert job0["dpo"]["key"] != job1["dpo"]["key"]

@@ -77,6 +77,7 @@ def tokenize_preference(row: Mapping, fmt: Format, tokenizer: Any, *, chat_templ
 
     A row without ``prompt`` has it extracted from the shared start of chosen/rejected first.
     Each response ends with EOS (standard) or the template's end-of-turn token (conversational).
+    A numeric ``margin`` column (preference strength, for the reward loss) is passed through.
     """
     if fmt.kind is not Kind.PREFERENCE:
         raise ValueError(f"tokenize_preference takes preference rows, got {fmt}")
@@ -84,7 +85,10 @@ def tokenize_preference(row: Mapping, fmt: Format, tokenizer: Any, *, chat_templ
     prompt_ids, (chosen_ids, rejected_ids) = _prompt_and_responses(
         prompt, [chosen, rejected], fmt, tokenizer, chat_template
     )
-    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+    out = {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+    if row.get("margin") is not None:
+        out["margin"] = row["margin"]
+    return out
 
 
 def tokenize_prompt(row: Mapping, fmt: Format, tokenizer: Any, *, chat_template: str | None = None) -> dict:

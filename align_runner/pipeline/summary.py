@@ -13,6 +13,7 @@ KEY_METRICS = {
     "data_prep": ("sft/train/kept", "preference/train/kept", "prompt/eval/kept"),
     "sft": ("loss", "eval/loss", "mean_token_accuracy"),
     "reward": ("loss", "eval/accuracy", "accuracy"),
+    "ref_logps": ("train/pairs", "train/logps/chosen", "train/logps/rejected"),
     "dpo": ("loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies"),
     "eval": ("accuracy", "format", "heldout_loss"),
 }

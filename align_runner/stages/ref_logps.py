@@ -60,7 +60,9 @@ def reference_mode(model: nn.Module) -> contextlib.AbstractContextManager:
 
 
 @torch.no_grad()
-def compute_reference_logps(model: nn.Module, rows: Sequence[dict], *, pad_id: int, batch_size: int, backend) -> Tensor:
+def compute_reference_logps(
+    model: nn.Module, rows: Sequence[dict], *, pad_id: int, batch_size: int, backend
+) -> Tensor:
     """Reference log-probs of every row: (2, N) float64, [0] chosen and [1] rejected.
 
     Batches are dealt round-robin to the processes; each row is computed by exactly one of them, so a
@@ -83,7 +85,9 @@ def compute_reference_logps(model: nn.Module, rows: Sequence[dict], *, pad_id: i
 def load_reference_logps(stage_dir: Path, split: str) -> list[dict[str, float]]:
     path = ref_path(stage_dir, split)
     if not path.exists():
-        raise FileNotFoundError(f"no reference log-probs for split {split!r} in {stage_dir} (expected {path.name})")
+        raise FileNotFoundError(
+            f"no reference log-probs for split {split!r} in {stage_dir} (expected {path.name})"
+        )
     with path.open() as f:
         return [json.loads(line) for line in f]
 
@@ -109,7 +113,11 @@ def run_ref_logps(ctx: StageContext) -> dict[str, float]:
             continue
         rows = ctx.dataset("preference", split)
         table = compute_reference_logps(
-            model, rows, pad_id=tokenizer.pad_token_id, batch_size=int(ctx.section.batch_size), backend=ctx.backend
+            model,
+            rows,
+            pad_id=tokenizer.pad_token_id,
+            batch_size=int(ctx.section.batch_size),
+            backend=ctx.backend,
         )
         if ctx.is_main:
             lines = (json.dumps(dict(zip(REF_FIELDS, pair))) + "\n" for pair in table.t().tolist())

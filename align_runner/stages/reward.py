@@ -1,6 +1,7 @@
 """reward: a scalar reward model (a score head on the input backbone) trained on preference pairs.
 
-The loss is ``algorithm.loss``, by default the Bradley-Terry loss with optional reward centering
+The backbone trains in full, or with LoRA adapters when ``model.lora`` is set (merged into the saved
+model). The loss is ``algorithm.loss``, by default the Bradley-Terry loss with optional reward centering
 (``align_runner.algos.reward.bradley_terry_loss``). A prepared preference row with a numeric
 ``margin`` field gets that margin in the loss (Llama 2's preference strength). The model is saved as
 a Hugging Face sequence classifier with ``num_labels=1``: ``AutoModelForSequenceClassification``
@@ -13,14 +14,17 @@ on the training batches, and the same under ``eval/`` on the held-out preference
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
 from hydra.utils import instantiate
+from torch import nn
 
 from align_runner.algos.types import LossOutput
 from align_runner.data.collate import collate_preference
 from align_runner.models.loading import enable_gradient_checkpointing, load_sequence_classifier
+from align_runner.models.peft import is_peft_model, peft_lora_config
 from align_runner.registry import register_stage
 from align_runner.stages.context import StageContext
 
@@ -32,6 +36,17 @@ def pair_margin(batch: dict) -> torch.Tensor | None:
         return margin
     # collate_preference leaves a field as a list when some row lacks it or it is not a number
     raise ValueError(f"the 'margin' field must be a number in every preference row, got {margin!r}")
+
+
+def with_lora(model: nn.Module, lora) -> nn.Module:
+    """LoRA adapters (``model.lora``) on the backbone of a sequence classifier.
+
+    PEFT's sequence-classification task trains the new score head in full (it goes to
+    ``modules_to_save``): a random head cannot be a low-rank update of anything.
+    """
+    from peft import TaskType, get_peft_model
+
+    return get_peft_model(model, replace(peft_lora_config(lora), task_type=TaskType.SEQ_CLS))
 
 
 def reward_step(model, batch: dict, *, loss_fn) -> LossOutput:
@@ -50,6 +65,8 @@ def run_reward(ctx: StageContext) -> dict[str, float]:
     model = load_sequence_classifier(ctx.input_model_path(), dtype=ctx.dtype)
     if ctx.cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if ctx.cfg.model.lora is not None:
+        model = with_lora(model, ctx.cfg.model.lora)
     model = model.to(ctx.backend.device)
     step = partial(reward_step, loss_fn=instantiate(ctx.section.loss))
     eval_rows = ctx.dataset("preference", "eval") if ctx.has_dataset("preference", "eval") else None
@@ -61,5 +78,9 @@ def run_reward(ctx: StageContext) -> dict[str, float]:
         eval_data=eval_rows,
         eval_step=step,
     )
+    if is_peft_model(model):
+        # a reward model is read as a whole classifier (AutoModelForSequenceClassification), so its
+        # adapters are merged into the backbone before saving
+        model = model.merge_and_unload()
     ctx.save_model(model, tokenizer)
     return result.metrics
