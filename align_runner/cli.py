@@ -31,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from align_runner.config import register_configs
-from align_runner.validate import CONF_DIR, ConfigError, check_override_keys, validate
+from align_runner.validate import CONF_DIR, ConfigError, check_override_keys, check_values, validate
 
 log = logging.getLogger("align_runner")
 
@@ -40,15 +40,22 @@ _INFO_FLAGS = ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help", "--resol
 
 
 def _overrides(argv: list[str]) -> list[str]:
-    return [a for a in argv if not a.startswith("-") and "=" in a]
+    """Hydra overrides among the arguments: ``key=value``, ``+key=value``, ``~key``."""
+    return [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
 
 
 def _compose_for_launch(argv: list[str]) -> tuple[DictConfig, str]:
-    """The validated config and the resolved Hydra run dir for these overrides."""
+    """The composed config and the resolved Hydra run dir for these overrides.
+
+    Only the checks that need no torch run here (key names, types, value ranges): a launcher should
+    not spend seconds importing what its workers import again. Every process validates fully before
+    it loads anything."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException
     from omegaconf import open_dict
+
+    from align_runner.api import _warn_shadowed
 
     overrides = _overrides(argv)
     check_override_keys(overrides)
@@ -64,7 +71,8 @@ def _compose_for_launch(argv: list[str]) -> tuple[DictConfig, str]:
     with open_dict(cfg):
         del cfg["hydra"]
     GlobalHydra.instance().clear()
-    validate(cfg)
+    check_values(cfg)
+    _warn_shadowed(overrides, cfg)
     return cfg, run_dir
 
 

@@ -164,9 +164,27 @@ def check_values(cfg: DictConfig) -> None:
     _require(
         cfg.model.quantization in (None, "4bit", "8bit"), "model.quantization", "null, '4bit' or '8bit'", cfg.model.quantization
     )
+    _check_hardware(cfg)
     known = {"tensorboard", "wandb"}
     for b in cfg.tracking.backends:
         _require(b in known, "tracking.backends", f"a list drawn from {sorted(known)}", list(cfg.tracking.backends))
+
+
+def _check_hardware(cfg: DictConfig) -> None:
+    """The backend's package is installed, ZeRO has a stage, QLoRA can run here — before models load."""
+    import importlib.util
+
+    from align_runner.models.peft import QuantizationUnavailableError, check_quantization
+
+    hw = cfg.hardware
+    if str(hw.backend) == "deepspeed":
+        _require(hw.zero_stage in (1, 2, 3), "hardware.zero_stage", "1, 2 or 3 with backend=deepspeed", hw.zero_stage)
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"hardware={hw.name} uses DeepSpeed, which is not installed: pip install 'align-runner[deepspeed]'")
+    try:
+        check_quantization(cfg.model, hw)
+    except QuantizationUnavailableError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate(cfg: DictConfig) -> None:

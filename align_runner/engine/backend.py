@@ -8,7 +8,9 @@ DeepSpeed from FSDP: the training loop and the stages talk to the ``Backend`` in
 - ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every decoder layer and the root.
 
 Accelerate is not used for the last two: on CPU it cannot run DeepSpeed and silently turns FSDP into
-DDP, and a profile that claims sharding must shard.
+DDP, and a profile that claims sharding must shard. ``describe()`` reports the evidence (wrapper class,
+ZeRO optimizer class and stage, DTensor placements, local vs global element counts) into run.json.
+All three live in this one file on purpose, so no other module needs to know them.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def effective_precision(hardware: Any) -> str:
 
 
 def model_dtype(hardware: Any, requested: str = "auto") -> torch.dtype:
-    """Weights dtype of the ``ddp`` backend: ``model.dtype`` if set, else the effective precision."""
+    """Dtype to load weights in: ``model.dtype`` if set, else what the profile's backend trains in."""
     return get_backend_class(hardware).weights_dtype(hardware, requested)
 
 
@@ -194,6 +196,14 @@ class Backend:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj``, in rank order, on the main process (None elsewhere). Collective."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """The main process runs the block first (e.g. builds a cache), then the others."""
@@ -209,7 +219,7 @@ class Backend:
             "world_size": self.world_size,
             "device": str(self.device),
             "precision": self.precision,
-            **self.evidence,
+            "sharding": dict(self.evidence),
         }
 
 
@@ -325,6 +335,10 @@ class DeepSpeedBackend(Backend):
             "optimizer_partition_numel": _zero_partition_numel(zero_opt),
             "trainable_numel": sum(int(getattr(p, "ds_numel", p.numel())) for p in params),
         }
+        if int(self.hardware.zero_stage) == 3:  # weights partitioned too: each rank holds its ds_tensor
+            module = self.engine.module
+            self.evidence["local_param_numel"] = sum(int(p.ds_tensor.numel()) for p in module.parameters())
+            self.evidence["param_numel"] = sum(int(p.ds_numel) for p in module.parameters())
         # The base optimizer's param_groups (same dicts ZeRO steps with) carry the scheduler's lr.
         return self.engine, optimizer
 

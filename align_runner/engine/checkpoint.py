@@ -2,9 +2,9 @@
 
 A checkpoint is written into ``step-N.tmp`` and renamed to ``step-N`` when every process has finished
 writing, so a process killed mid-write leaves only a ``.tmp`` folder that restore ignores (and the next
-save deletes). Model and optimizer state go through the backend (a replicated file under DDP, ZeRO
-partitions under DeepSpeed, a sharded torch.distributed.checkpoint under FSDP2). The data position
-needs no state: the engine rebuilds any step's batches from (seed, step).
+save deletes). Model and optimizer state go through the backend (engine/backend.py: one replicated file,
+or one part per rank for sharding backends). The data position needs no state: the engine rebuilds any
+step's batches from (seed, step).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 META = "meta.pt"
+RNG = "rng.pt"
 HISTORY = "metrics.jsonl"
 
 
@@ -44,8 +45,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    """``<root>/step-N/``: ``meta.pt`` (step, scheduler), ``rng-<rank>.pt``, ``metrics.jsonl`` and the
-    backend's model/optimizer files. Keeps the newest ``keep_last``."""
+    """``<root>/step-N/``: ``meta.pt`` (step, scheduler), ``rng.pt`` (every rank's RNG states),
+    ``metrics.jsonl`` and the backend's model/optimizer files. Keeps the newest ``keep_last``."""
 
     def __init__(self, root: Path, *, keep_last: int, backend: Any):
         self.root = Path(root)
@@ -60,7 +61,8 @@ class CheckpointManager:
         return sorted(int(p.name.split("-")[1]) for p in done)
 
     def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, *, history: Path | None = None) -> None:
-        """Collective: every process writes its RNG state and its part of the backend state."""
+        """Collective. The main process writes all but sharded model/optimizer state, which the backend
+        has every rank write its own part of."""
         final = self.root / f"step-{step}"
         tmp = self.root / f"step-{step}.tmp"
         if self.backend.is_main:
@@ -69,8 +71,10 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         self.backend.barrier()
         self.backend.save_train_state(tmp, model, optimizer)
-        torch.save({"rng": rng_state()}, tmp / f"rng-{self.backend.rank}.pt")
+        # every rank's RNG, written by the main process (only sharded model state needs every rank to write)
+        rngs = self.backend.gather_object(rng_state())
         if self.backend.is_main:
+            torch.save({"rng": rngs}, tmp / RNG)
             if history is not None and Path(history).exists():
                 shutil.copyfile(history, tmp / HISTORY)
             torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / META)
@@ -94,7 +98,5 @@ class CheckpointManager:
         meta = torch.load(d / META, map_location="cpu", weights_only=False)
         self.backend.load_train_state(d, model, optimizer)
         scheduler.load_state_dict(meta["scheduler"])
-        rng = d / f"rng-{self.backend.rank}.pt"
-        if rng.exists():
-            set_rng_state(torch.load(rng, weights_only=False)["rng"])
+        set_rng_state(torch.load(d / RNG, weights_only=False)["rng"][self.backend.rank])
         return int(meta["step"]), d

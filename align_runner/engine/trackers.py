@@ -80,9 +80,14 @@ class Tracker:
             self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
         if "wandb" in backends:
             self._wandb = _init_wandb(self.out_dir, project, name, group, config, api_key)
+        if backends:
+            self._write_identity(list(backends), project, name, group)
+
+    def _write_identity(self, backends: list[str], project: str, name: str, group: str | None) -> None:
+        """Where this stage's runs went (run name, group, W&B folder), for people and tests."""
         atomic_write_json(
             self.out_dir / "tracking.json",
-            {"backends": list(backends), "project": project, "run_name": name, "group": group,
+            {"backends": backends, "project": project, "run_name": name, "group": group,
              "wandb_dir": str(Path(self._wandb.dir).parent) if self._wandb is not None else None},
         )
 

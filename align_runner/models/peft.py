@@ -16,10 +16,11 @@ import importlib.util
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads lazily: config validation (check_quantization) must stay light
+    import torch
+    from torch import nn
 
 ADAPTER_DIR = "adapter"
 
@@ -68,7 +69,7 @@ def save_lora_artifact(
     out_dir: str | Path,
     *,
     base: str,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> str:
     """Write ``out_dir/adapter/`` (from ``state_dict``, the PEFT model's full state) and the merged model
     in ``out_dir``. ``state_dict`` comes from the backend, so sharded models save too; the training
@@ -104,14 +105,16 @@ def merge_adapter(
     out_dir: str | Path,
     *,
     base: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     tokenizer: Any = None,
 ) -> str:
     """Merge a LoRA adapter into its base and save a full Hugging Face model in ``out_dir``.
 
     ``stage_model_dir``: a stage's ``model/`` (adapter in ``adapter/``) or an adapter folder.
     ``base``: the base model; default: the ``base_model_name_or_path`` the adapter records.
+    ``dtype``: of the merged weights (default float32).
     """
+    import torch
     from peft import PeftModel
 
     from align_runner.models.loading import load_causal_lm, load_tokenizer, save_pretrained_atomic
@@ -119,7 +122,7 @@ def merge_adapter(
     src = adapter_dir(stage_model_dir)
     if base is None:
         base = json.loads((src / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = PeftModel.from_pretrained(load_causal_lm(str(base), dtype=dtype), str(src))
+    model = PeftModel.from_pretrained(load_causal_lm(str(base), dtype=dtype or torch.float32), str(src))
     merged = model.merge_and_unload()
     return save_pretrained_atomic(merged, tokenizer if tokenizer is not None else load_tokenizer(str(base)), str(out_dir))
 
@@ -146,6 +149,8 @@ def check_quantization(model_cfg: Any, hardware: Any) -> None:
         raise QuantizationUnavailableError(f"{where} runs with hardware.backend=ddp only, not {hardware.backend}")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise QuantizationUnavailableError(f"{where} needs bitsandbytes: pip install bitsandbytes")
+    import torch
+
     if not torch.cuda.is_available():
         raise QuantizationUnavailableError(f"{where}: hardware.device=cuda but torch sees no CUDA GPU here")
 

@@ -1,26 +1,261 @@
-"""``pipeline.dry_run=true``: the plan — stages, keys, cache state, world size, backend — with no weights loaded."""
+"""``pipeline.dry_run=true``: the plan — stages, keys, cache state, world size, backend — and an estimate
+of training memory per device, with no weights loaded.
+
+The parameter count comes from the model's ``config.json`` (``AutoConfig`` + a model built on the meta
+device, which allocates nothing), or from ``model.num_params`` when the config cannot be read offline.
+
+Memory model (bytes per device; P parameters, T trainable, N processes, w bytes per weight element):
+
+- weights: P*w, divided by N under ZeRO-3 and FSDP2 (4-bit / 8-bit quantized bases: 0.5 / 1 byte);
+- gradients: T*w, divided by N under ZeRO-2/3 and FSDP2;
+- optimizer (AdamW, two moments): DDP keeps them in the weight dtype (2*T*w); DeepSpeed keeps an fp32
+  master copy and fp32 moments, 12*T/N (on the CPU with offload_optimizer); FSDP2's fp32 shards are the
+  masters, so 8*T/N;
+- activations of one micro-batch of B sequences of S = data.max_length tokens, hidden size H, L layers,
+  vocabulary V, a bytes per activation: B*S*H*a*17 per layer (Korthikanti et al. 2022: 34*s*b*h bytes
+  at 2 bytes per element, with fused attention), or B*S*H*a per layer plus one layer's 17 when
+  recomputed (gradient checkpointing); plus B*S*V*8 for fp32 logits and their gradient.
+
+FSDP2 keeps fp32 weight shards (w = 4); DDP and DeepSpeed hold weights in the compute precision.
+Transient buffers (gathered layers, communication buckets, the allocator's slack) are not counted.
+"""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from align_runner.pipeline.runner import plan
 from align_runner.pipeline.store import StageStore
+from align_runner.registry import get_stage
+
+log = logging.getLogger("align_runner")
+
+GIB = 2**30
+# activation elements stored per token and hidden unit in one decoder layer (see module docstring)
+ACT_ELEMENTS_PER_LAYER = 17
+_WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_QUANT_BYTES = {"4bit": 0.5, "8bit": 1.0}
+
+
+@dataclass
+class ModelShape:
+    num_params: int
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    vocab_size: int | None = None
+    # (module name, in_features, out_features) of every nn.Linear, for counting LoRA parameters
+    linears: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float | None
+    trainable: int
+    num_params: int
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + (self.activations or 0.0)
+
+
+def lora_trainable(linears: list[tuple[str, int, int]], *, r: int, target_modules: Any, use_dora: bool) -> int:
+    """Adapter parameters: r*(in+out) per targeted Linear (A: r x in, B: out x r), plus the DoRA
+    magnitude (out). "all-linear" targets every Linear but the output head; names match by suffix."""
+    total = 0
+    for name, fan_in, fan_out in linears:
+        if isinstance(target_modules, str) and target_modules == "all-linear":
+            hit = name.split(".")[-1] != "lm_head"
+        else:
+            targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+            hit = any(name == t or name.endswith("." + t) for t in targets)
+        if hit:
+            total += r * (fan_in + fan_out) + (fan_out if use_dora else 0)
+    return total
+
+
+def activation_bytes(
+    *, micro_batch: int, seq_len: int, hidden: int, layers: int, vocab: int, act_bytes: int, checkpointing: bool
+) -> int:
+    """Activations kept for backward in one micro-batch (module docstring)."""
+    tokens = micro_batch * seq_len
+    per_layer = tokens * hidden * act_bytes
+    body = per_layer * (layers + ACT_ELEMENTS_PER_LAYER) if checkpointing else per_layer * ACT_ELEMENTS_PER_LAYER * layers
+    return body + tokens * vocab * 8
+
+
+def estimate_memory(
+    *,
+    num_params: int,
+    trainable: int,
+    backend: str,
+    zero_stage: int,
+    world_size: int,
+    precision: str,
+    offload_optimizer: bool = False,
+    quantization: str | None = None,
+    activations: float | None = None,
+) -> MemoryEstimate:
+    """Per-device bytes of weights, gradients and AdamW state under the chosen sharding (docstring)."""
+    n = max(1, world_size)
+    w = 4 if backend == "fsdp2" else _WEIGHT_BYTES[precision]
+    frozen = num_params - trainable
+    frozen_bytes = _QUANT_BYTES.get(quantization or "", w)
+    weights = frozen * frozen_bytes + trainable * w
+    grads = trainable * w
+    if backend == "deepspeed":
+        optimizer = 0.0 if offload_optimizer else 12 * trainable / n
+        weights = weights / n if zero_stage >= 3 else weights
+        grads = grads / n if zero_stage >= 2 else grads
+    elif backend == "fsdp2":
+        weights, grads, optimizer = weights / n, grads / n, 8 * trainable / n
+    else:
+        optimizer = 2 * trainable * w
+    return MemoryEstimate(float(weights), float(grads), float(optimizer), activations, trainable, num_params)
+
+
+# ------------------------------------------------------------------------------------- model shape
+
+
+def _hub_config_path(source: Any, cache_dir: str) -> str:
+    return str(source.name_or_path)
+
+
+def _built_config_path(source: Any, cache_dir: str) -> str:
+    # builds a random model from a config into the cache (about a second); no weights are loaded
+    from align_runner.models.loading import resolve_source
+
+    return resolve_source(source, cache_dir=cache_dir)
+
+
+# Sources whose config.json can be found without loading or converting weights.
+CONFIG_READERS = {
+    "align_runner.models.loading.hub_or_local": _hub_config_path,
+    "align_runner.models.tiny.build_tiny": _built_config_path,
+}
+
+
+def model_shape(cfg: DictConfig) -> ModelShape | None:
+    """Parameter count and dimensions without loading weights; None when unknown."""
+    hint = cfg.model.get("num_params")
+    reader = CONFIG_READERS.get(str(cfg.model.source.get("_target_")))
+    if reader is None:
+        return ModelShape(int(hint)) if hint else None
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = reader(cfg.model.source, str(cfg.paths.cache))
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError) as e:  # a hub id not in the local cache, an unknown architecture
+        log.info("dry run: cannot read the model config (%s)", str(e).splitlines()[0])
+        return ModelShape(int(hint)) if hint else None
+    linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelShape(
+        num_params=int(hint) if hint else sum(p.numel() for p in model.parameters()),
+        hidden_size=getattr(text, "hidden_size", None),
+        num_layers=getattr(text, "num_hidden_layers", None),
+        vocab_size=getattr(text, "vocab_size", None),
+        linears=linears,
+    )
+
+
+def stage_estimate(cfg: DictConfig, shape: ModelShape, train: Any) -> MemoryEstimate:
+    """The estimate for one training stage with its ``train`` settings."""
+    from align_runner.engine.backend import effective_precision
+
+    hw, m = cfg.hardware, cfg.model
+    precision = effective_precision(hw)
+    trainable = total = shape.num_params
+    if m.lora is not None:  # the base stays frozen; the adapters come on top
+        trainable = lora_trainable(shape.linears, r=int(m.lora.r), target_modules=m.lora.target_modules, use_dora=bool(m.lora.use_dora))
+        total = shape.num_params + trainable
+    acts = None
+    if shape.hidden_size and shape.num_layers and shape.vocab_size:
+        acts = activation_bytes(
+            micro_batch=int(train.micro_batch_size),
+            seq_len=int(cfg.data.max_length),
+            hidden=int(shape.hidden_size),
+            layers=int(shape.num_layers),
+            vocab=int(shape.vocab_size),
+            act_bytes=_WEIGHT_BYTES[precision],
+            checkpointing=bool(m.gradient_checkpointing),
+        )
+    return estimate_memory(
+        num_params=total,
+        trainable=trainable,
+        backend=str(hw.backend),
+        zero_stage=int(hw.zero_stage),
+        world_size=int(hw.num_processes) * int(hw.num_nodes),
+        precision=precision,
+        offload_optimizer=bool(hw.offload_optimizer),
+        quantization=m.quantization,
+        activations=acts,
+    )
+
+
+def _gib(x: float | None) -> str:
+    return "unknown" if x is None else f"{x / GIB:.3g} GiB"
 
 
 def print_plan(cfg: DictConfig) -> None:
     hw = cfg.hardware
+    world = int(hw.num_processes) * int(hw.num_nodes)
+    shape = model_shape(cfg)
     table = Table(title="align_runner plan (dry run: nothing loaded)", title_justify="left")
-    for col in ("stage", "kind", "starts from", "config", "key", "state"):
+    for col in ("stage", "kind", "starts from", "key", "state", "memory/device"):
         table.add_column(col)
+    warnings: list[str] = []
+    details: list[str] = []
     for p in plan(cfg, StageStore(cfg.paths.store)):
         state = "forced" if p.forced else ("cached" if p.cached else "to compute")
-        table.add_row(p.spec.name, p.spec.kind, p.spec.model_from or "-", p.spec.config, p.key[:12], state)
-    console = Console()
+        memory = "-"
+        if get_stage(p.spec.kind).trains and not p.cached:
+            if shape is None:
+                memory = "unknown (set model.num_params)"
+            else:
+                section = OmegaConf.select(cfg, p.spec.config)
+                train = OmegaConf.merge(cfg.train, section.get("train") or {})
+                est = stage_estimate(cfg, shape, train)
+                memory = _gib(est.total)
+                details.append(
+                    f"  {p.spec.name}: weights {_gib(est.weights)} + gradients {_gib(est.gradients)} + optimizer "
+                    f"{_gib(est.optimizer)} + activations {_gib(est.activations)} (micro-batch {train.micro_batch_size} x "
+                    f"{cfg.data.max_length} tokens, gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}); "
+                    f"trainable {est.trainable:,} of {est.num_params:,} parameters"
+                )
+                if est.total > float(hw.device_memory_gb) * GIB:
+                    warnings.append(
+                        f"WARNING: stage {p.spec.name} needs about {_gib(est.total)} per device, more than "
+                        f"hardware.device_memory_gb={hw.device_memory_gb} of hardware={hw.name}"
+                    )
+        table.add_row(p.spec.name, p.spec.kind, p.spec.model_from or "-", p.key[:12], state, memory)
+    console = Console(width=200)
     console.print(table)
+    sharding = {"deepspeed": f"ZeRO-{hw.zero_stage}", "fsdp2": "FSDP2 fully_shard"}.get(str(hw.backend), "replicated")
     console.print(
-        f"hardware={hw.name}: {hw.num_processes * hw.num_nodes} process(es), backend {hw.backend}, "
-        f"{hw.device}, precision {hw.precision}"
+        f"hardware={hw.name}: world size {world} ({hw.num_processes} process(es) x {hw.num_nodes} node(s)), "
+        f"backend {hw.backend} ({sharding}), {hw.device}, precision {hw.precision}"
     )
+    lora = "LoRA" if cfg.model.lora is not None else "full fine-tuning"
+    params = "unknown" if shape is None else f"{shape.num_params:,}"
+    console.print(f"model={cfg.model.name}: {params} parameters, {lora}" + (f", {cfg.model.quantization}" if cfg.model.quantization else ""))
+    if details:
+        console.print("memory per device (estimate):")
+        for line in details:
+            console.print(line, soft_wrap=True)
+    for line in warnings:
+        console.print(line, style="bold red", soft_wrap=True)

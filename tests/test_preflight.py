@@ -1,0 +1,137 @@
+"""pipeline.dry_run=true: the plan and a per-device memory estimate, checked against hand arithmetic,
+with no weights loaded."""
+
+from __future__ import annotations
+
+import pytest
+from cli_runner import run_cli, single_thread
+
+from align_runner import api
+from align_runner.pipeline.preflight import (
+    GIB,
+    activation_bytes,
+    estimate_memory,
+    lora_trainable,
+    model_shape,
+    print_plan,
+)
+
+B = 1_000_000_000  # a 1B-parameter model, full fine-tuning
+
+
+@pytest.mark.parametrize(
+    ("backend", "zero", "world", "precision", "expected"),
+    [
+        # DDP keeps weights, grads and both Adam moments in the weight dtype on every device
+        ("ddp", 0, 1, "bf16", (2 * B, 2 * B, 4 * B)),
+        ("ddp", 0, 4, "fp32", (4 * B, 4 * B, 8 * B)),
+        # ZeRO-2: gradients and the fp32 master + moments (12 bytes) split 4 ways
+        ("deepspeed", 2, 4, "bf16", (2 * B, 2 * B / 4, 12 * B / 4)),
+        # ZeRO-3: weights split as well
+        ("deepspeed", 3, 8, "bf16", (2 * B / 8, 2 * B / 8, 12 * B / 8)),
+        # FSDP2: fp32 shards are the masters; moments 8 bytes; everything split 8 ways
+        ("fsdp2", 0, 8, "bf16", (4 * B / 8, 4 * B / 8, 8 * B / 8)),
+    ],
+)
+def test_memory_estimate_matches_hand_arithmetic(backend, zero, world, precision, expected):
+    est = estimate_memory(num_params=B, trainable=B, backend=backend, zero_stage=zero, world_size=world, precision=precision)
+    assert (est.weights, est.gradients, est.optimizer) == pytest.approx(expected)
+    assert est.total == pytest.approx(sum(expected))
+
+
+def test_lora_and_quantization_and_offload():
+    t = 10_000_000  # adapters
+    est = estimate_memory(num_params=B + t, trainable=t, backend="ddp", zero_stage=0, world_size=1, precision="bf16",
+                          quantization="4bit")
+    assert (est.weights, est.gradients, est.optimizer) == pytest.approx((B * 0.5 + 2 * t, 2 * t, 4 * t))
+    est = estimate_memory(num_params=B, trainable=B, backend="deepspeed", zero_stage=2, world_size=2, precision="bf16",
+                          offload_optimizer=True)
+    assert est.optimizer == 0
+
+
+def test_activation_estimate():
+    # Qwen2.5-0.5B-like: H=896, L=24, V=151936; 8 x 512 tokens in bf16
+    tokens = 8 * 512
+    logits = tokens * 151936 * 8
+    full = activation_bytes(micro_batch=8, seq_len=512, hidden=896, layers=24, vocab=151936, act_bytes=2, checkpointing=False)
+    assert full == tokens * 896 * 2 * 17 * 24 + logits
+    ckpt = activation_bytes(micro_batch=8, seq_len=512, hidden=896, layers=24, vocab=151936, act_bytes=2, checkpointing=True)
+    assert ckpt == tokens * 896 * 2 * (24 + 17) + logits
+
+
+def test_model_shape_of_the_tiny_model_by_hand_and_lora_count_matches_peft(model_cache):
+    cfg = api.compose(["model=tiny", f"paths.cache={model_cache}"])
+    shape = model_shape(cfg)
+    # embeddings 512x64, untied head 64x512, final norm 64; per layer q 64x64, k and v 64x32 (2 kv heads
+    # of 16), o 64x64, gate/up 64x128, down 128x64, two norms of 64
+    per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    assert shape.num_params == 512 * 64 * 2 + 64 + 2 * per_layer == 139_584
+    assert (shape.hidden_size, shape.num_layers, shape.vocab_size) == (64, 2, 512)
+    # LoRA r=16 on all linear layers but the head: r * (in + out) summed over 7 Linears x 2 layers
+    per_layer_lora = 16 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    assert lora_trainable(shape.linears, r=16, target_modules="all-linear", use_dora=False) == 2 * per_layer_lora
+
+    from align_runner.models.loading import load_causal_lm
+    from align_runner.models.peft import apply_lora
+    from align_runner.models.tiny import build_tiny
+
+    lora = api.compose(["model=tiny", "+model/lora=default", "model.lora.target_modules=[q_proj,v_proj]",
+                        "model.lora.use_dora=true"]).model.lora
+    with single_thread():
+        peft_model = apply_lora(load_causal_lm(build_tiny(model_cache)), lora)
+    real = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert lora_trainable(shape.linears, r=16, target_modules=["q_proj", "v_proj"], use_dora=True) == real
+
+
+def test_dry_run_prints_the_plan_and_loads_no_weights(tiny, monkeypatch, capsys):
+    from transformers import PreTrainedModel
+
+    def no_loading(*a, **k):
+        raise AssertionError("the dry run loaded weights")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_loading))
+    cfg = api.compose([*tiny, "hardware=cpu_zero3", "pipeline.dry_run=true", "hardware.device_memory_gb=0.0001"])
+    print_plan(cfg)
+    out = capsys.readouterr().out
+    for stage in ("data_prep", "eval_before", "sft", "eval_after"):
+        assert stage in out
+    assert out.count("to compute") == 4
+    assert "world size 2" in out and "backend deepspeed (ZeRO-3)" in out
+    assert "trainable 139,584 of 139,584 parameters" in out
+    assert "WARNING: stage sft needs about" in out and "hardware.device_memory_gb=0.0001" in out
+
+
+def test_dry_run_shows_cached_stages(tiny, capsys):
+    overrides = [*tiny, "pipeline.eval=false", "train.max_steps=1"]
+    with single_thread():
+        api.run(overrides)
+    print_plan(api.compose([*overrides, "pipeline.dry_run=true"]))
+    out = capsys.readouterr().out
+    assert out.count("cached") == 2 and "to compute" not in out
+
+
+def test_hub_model_offline_uses_the_num_params_hint(capsys, tmp_path):
+    base = ["model=qwen0.5b", f"paths.outputs={tmp_path}", "pipeline.eval=false", "hardware=1xgpu"]
+    print_plan(api.compose(base))
+    assert "unknown (set model.num_params)" in capsys.readouterr().out
+    print_plan(api.compose([*base, "model.num_params=494032768"]))
+    out = capsys.readouterr().out
+    # bf16 DDP: 2 + 2 + 4 bytes per parameter; activations unknown without the config
+    assert "494,032,768 parameters" in out
+    assert f"{494032768 * 8 / GIB:.3g} GiB" in out
+
+
+@pytest.mark.slow
+def test_cli_dry_run_does_not_launch_processes(tmp_path, model_cache):
+    run = run_cli(["model=tiny", f"paths.outputs={tmp_path}", f"paths.cache={model_cache}", "hardware=cpu_fsdp2",
+                   "pipeline.dry_run=true"], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "relaunching" not in run.stderr
+    assert "world size 2" in run.stdout and "FSDP2" in run.stdout
+    assert not (tmp_path / "store").exists()
+
+
+def test_lora_plan_counts_adapters_on_top_of_the_frozen_base(tiny, capsys):
+    print_plan(api.compose([*tiny, "+model/lora=default", "pipeline.dry_run=true"]))
+    # 32,768 adapter parameters (test above) on the 139,584 of the base
+    assert "trainable 32,768 of 172,352 parameters" in capsys.readouterr().out
