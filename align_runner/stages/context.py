@@ -72,10 +72,6 @@ class StageContext:
             return self.base_model
         return str(self.inputs[self.spec.model_from] / "model")
 
-    def reference_model_path(self) -> str:
-        """Where a frozen reference comes from: the policy's own starting point."""
-        return self.input_model_path()
-
     @property
     def dtype(self):
         return model_dtype(self.cfg.hardware, str(self.cfg.model.dtype))
@@ -129,6 +125,10 @@ class StageContext:
         from align_runner.stages.data_prep import load_prepared
 
         return load_prepared(self.inputs["data_prep"], view, split)
+
+    def splits(self, view: str) -> tuple[list[dict], list[dict] | None]:
+        """(train rows, held-out rows or None when the data config has no eval split) of ``view``."""
+        return self.dataset(view, "train"), (self.dataset(view, "eval") if self.has_dataset(view, "eval") else None)
 
     def has_dataset(self, view: str, split: str = "train") -> bool:
         from align_runner.stages.data_prep import prepared_path

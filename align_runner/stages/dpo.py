@@ -54,12 +54,9 @@ def run_dpo(ctx: StageContext) -> dict[str, float]:
     policy = ctx.load_policy()
     step = partial(dpo_step, loss_fn=instantiate(ctx.section.loss))
     ref_dir = ctx.inputs[str(ctx.section.reference.stage)]
-    train_rows = attach_reference(ctx.dataset("preference", "train"), ref_dir, "train")
-    eval_rows = (
-        attach_reference(ctx.dataset("preference", "eval"), ref_dir, "eval")
-        if ctx.has_dataset("preference", "eval")
-        else None
-    )
+    train_rows, eval_rows = ctx.splits("preference")
+    train_rows = attach_reference(train_rows, ref_dir, "train")
+    eval_rows = attach_reference(eval_rows, ref_dir, "eval") if eval_rows is not None else None
     result = ctx.engine().fit(
         step,
         model=policy,

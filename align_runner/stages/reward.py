@@ -69,11 +69,11 @@ def run_reward(ctx: StageContext) -> dict[str, float]:
         model = with_lora(model, ctx.cfg.model.lora)
     model = model.to(ctx.backend.device)
     step = partial(reward_step, loss_fn=instantiate(ctx.section.loss))
-    eval_rows = ctx.dataset("preference", "eval") if ctx.has_dataset("preference", "eval") else None
+    train_rows, eval_rows = ctx.splits("preference")
     result = ctx.engine().fit(
         step,
         model=model,
-        train_data=ctx.dataset("preference", "train"),
+        train_data=train_rows,
         collate=partial(collate_preference, pad_id=tokenizer.pad_token_id),
         eval_data=eval_rows,
         eval_step=step,

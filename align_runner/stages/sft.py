@@ -21,11 +21,11 @@ def run_sft(ctx: StageContext) -> dict[str, float]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return loss_fn(logits, batch["labels"])
 
-    eval_rows = ctx.dataset("sft", "eval") if ctx.has_dataset("sft", "eval") else None
+    train_rows, eval_rows = ctx.splits("sft")
     result = ctx.engine().fit(
         step,
         model=policy,
-        train_data=ctx.dataset("sft", "train"),
+        train_data=train_rows,
         collate=partial(collate_sft, pad_id=tokenizer.pad_token_id),
         eval_data=eval_rows,
         eval_step=step,
