@@ -29,7 +29,8 @@ class StageKind:
 
     fn: ``fn(ctx: StageContext) -> dict[str, float]`` (final metrics).
     trains: whether it produces a model (so a later stage may start from it).
-    views: the data views it reads (``sft``, ``preference``, ``prompt``), so data_prep knows what to build.
+    views: the data views it reads (``sft``, ``preference``, ``prompt``); the first is required, so a
+    pipeline over data that lacks it fails at config time.
     policy: its model is a causal-LM policy: later stages of pipeline=auto continue from it and eval
     generates with it. False for a scorer (a reward model), which later stages read as an input.
     """

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from align_runner.algos.rewards import exact_answer, format_match, last_number, length_within, normalize_answer
+from align_runner.algos.rewards import (
+    exact_answer,
+    format_match,
+    last_number,
+    length_within,
+    normalize_answer,
+)
 from align_runner.data.demo import generate, question
 
 PROMPTS = ["p1", "p2", "p3", "p4"]

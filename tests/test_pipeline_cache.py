@@ -106,3 +106,19 @@ def test_run_manifest_and_store_layout(tiny):
     rows = [json.loads(line) for line in (sft_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mean_token_accuracy"} <= set(rows[0])
     assert "eval/loss" in rows[-1]
+
+
+def test_sft_then_dpo_share_data_prep_and_sft(tiny, count_optimizer_steps):
+    sft = run(tiny)
+    dpo = run([*tiny, "algorithm=dpo", "pipeline.eval=false"])
+    assert dpo.stage("data_prep").key == sft.stage("data_prep").key and dpo.stage("data_prep").cache_hit
+    assert dpo.stage("sft").key == sft.stage("sft").key and dpo.stage("sft").cache_hit
+    assert not dpo.stage("dpo").cache_hit
+
+
+def test_a_stage_reading_a_view_the_data_lacks_fails_at_compose_time():
+    from align_runner.api import compose
+    from align_runner.pipeline.graph import PipelineConfigError
+
+    with pytest.raises(PipelineConfigError, match=r"stage '(ref_logps|dpo)' reads data.preference, which data=demo does not define"):
+        compose(["algorithm=dpo", "data.preference=null"])

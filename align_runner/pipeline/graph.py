@@ -31,6 +31,7 @@ READS_REFERENCE = frozenset({"dpo"})
 def build_graph(cfg: DictConfig) -> list[StageSpec]:
     specs = _explicit(cfg.pipeline.stages) if cfg.pipeline.stages else _auto(cfg)
     _check(specs, cfg)
+    data_views(cfg, specs)
     return specs
 
 
@@ -101,14 +102,26 @@ def _check_reference(spec: StageSpec, earlier: list[StageSpec], cfg: DictConfig)
         )
 
 
-def needed_views(specs: list[StageSpec]) -> list[str]:
-    """Data views read by the stages of this pipeline, in a stable order."""
-    views: list[str] = []
+DATA_VIEWS = ("sft", "preference", "prompt")
+
+
+def data_views(cfg: DictConfig, specs: list[StageSpec]) -> list[str]:
+    """The views data_prep builds: every view the data config defines.
+
+    Not only the views this pipeline reads, so that pipelines of different algorithms over the same
+    data share one data_prep stage, and with it every stage after it (`algorithm=sft` then
+    `algorithm=dpo` reuse the SFT). A stage's first view is required: a pipeline whose stage reads a
+    view the data config lacks is a config error.
+    """
+    configured = [v for v in DATA_VIEWS if cfg.data.get(v) is not None]
     for s in specs:
-        for v in get_stage(s.kind).views:
-            if v not in views:
-                views.append(v)
-    return views
+        views = get_stage(s.kind).views
+        if views and views[0] not in configured:
+            raise PipelineConfigError(
+                f"stage {s.name!r} reads data.{views[0]}, which data={cfg.data.name} does not define "
+                f"(it defines: {configured})"
+            )
+    return configured
 
 
 def stage_config(cfg: DictConfig, spec: StageSpec, views: list[str]) -> dict[str, Any]:
@@ -119,8 +132,7 @@ def stage_config(cfg: DictConfig, spec: StageSpec, views: list[str]) -> dict[str
     model.pop("name", None)
     if spec.kind == "data_prep":
         # Sources enter the key through their content fingerprint, not their path, so the same files
-        # in another checkout share the cache. The tokenizer comes from the base model; only views
-        # some stage reads are built.
+        # in another checkout share the cache. The tokenizer comes from the base model.
         data = {k: v for k, v in section.items() if k not in ("sft", "preference", "prompt")}
         return {"data": data, "tokenizer": model["source"], "views": views}
     out: dict[str, Any] = {"section": section, "model": model}

@@ -22,7 +22,7 @@ import align_runner
 from align_runner.engine.backend import get_backend
 from align_runner.engine.checkpoint import seed_everything
 from align_runner.fsutil import atomic_write_json
-from align_runner.pipeline.graph import build_graph, needed_views, stage_config
+from align_runner.pipeline.graph import build_graph, data_views, stage_config
 from align_runner.pipeline.keys import stage_key
 from align_runner.pipeline.store import StageStore
 from align_runner.redact import redact
@@ -80,7 +80,7 @@ def data_fingerprint(cfg: DictConfig, views: list[str]) -> str:
 def plan(cfg: DictConfig, store: StageStore) -> list[PlannedStage]:
     """Keys and cache state of every stage, without loading anything."""
     specs = build_graph(cfg)
-    views = needed_views(specs)
+    views = data_views(cfg, specs)
     force = set(cfg.pipeline.force)
     unknown = force - {s.name for s in specs} - {s.kind for s in specs}
     if unknown:

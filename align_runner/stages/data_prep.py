@@ -46,9 +46,7 @@ def run_data_prep(ctx: StageContext) -> dict[str, float]:
     tokenizer = ctx.tokenizer()
     metrics: dict[str, float] = {}
     for view in ctx.params["views"]:
-        view_cfg = data.get(view)
-        if view_cfg is None:
-            raise ValueError(f"a stage of this pipeline needs data.{view}, which data={data.name} does not define")
+        view_cfg = data[view]
         for split in SPLITS:
             source = view_cfg.get(split)
             if source is None:
