@@ -73,7 +73,7 @@ def _warn_shadowed(overrides: Sequence[str], cfg: DictConfig) -> None:
             continue
         name = key.split(".", 1)[1]
         own = cfg.algorithm.get("train") or {}
-        if name in own:
+        if own.get(name) is not None:
             log.warning(
                 "%s is overridden for the %s stage by algorithm.train.%s=%s; set algorithm.train.%s to change it there",
                 key, cfg.algorithm.kind, name, own[name], name,

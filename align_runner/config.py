@@ -8,6 +8,8 @@ Enums (OmegaConf lists the valid values in its error). Components are ``_target_
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -161,6 +163,25 @@ class TrainConfig:
     progress: bool = True
 
 
+def _partial_of(cls: type, name: str) -> type:
+    """A dataclass with ``cls``'s fields, each Optional and None by default: a typed partial override,
+    so `algorithm.train.max_steps=24` is accepted and `algorithm.train.lrr=1` is rejected."""
+    hints = typing.get_type_hints(cls)
+    return dataclasses.make_dataclass(
+        name, [(f.name, Optional[hints[f.name]], field(default=None)) for f in dataclasses.fields(cls)]
+    )
+
+
+# changes an algorithm makes to the train group for its own stage (None = keep train's value)
+TrainOverrides = _partial_of(TrainConfig, "TrainOverrides")
+
+
+def stage_train(cfg: Any, section: Any) -> Any:
+    """The train settings of the stage configured by ``section``: cfg.train, then the section's own."""
+    own = section.get("train") if section is not None else None
+    return OmegaConf.merge(cfg.train, {k: v for k, v in (own or {}).items() if v is not None})
+
+
 # ---------------------------------------------------------------------------------------- algorithm
 
 
@@ -171,8 +192,8 @@ class AlgorithmConfig:
     kind: str = MISSING
     # stages of pipeline=auto, in order
     stages: list[str] = field(default_factory=list)
-    # per-algorithm changes to the train group (e.g. a smaller lr for DPO)
-    train: dict[str, Any] = field(default_factory=dict)
+    # per-algorithm changes to the train group (e.g. a smaller lr for DPO); they win over train.*
+    train: TrainOverrides = field(default_factory=TrainOverrides)  # type: ignore[valid-type]
     loss: Any = None
 
 

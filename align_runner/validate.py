@@ -145,11 +145,7 @@ def check_values(cfg: DictConfig) -> None:
     for node in ("algorithm", "upstream.sft", "upstream.reward"):
         section = OmegaConf.select(cfg, node)
         if section is not None and section.get("train"):
-            try:
-                merged = OmegaConf.merge(OmegaConf.structured(schema.TrainConfig), section.train)
-            except Exception as e:  # omegaconf raises several types; all mean a bad key or value
-                raise ConfigError(f"{node}.train: {e}".splitlines()[0]) from None
-            trains.append((f"{node}.train", merged))
+            trains.append((f"{node}.train", schema.stage_train(cfg, section)))
     for where, t in trains:
         _require(t.lr > 0, f"{where}.lr", "a positive learning rate", t.lr)
         _require(t.micro_batch_size >= 1, f"{where}.micro_batch_size", "an integer >= 1", t.micro_batch_size)

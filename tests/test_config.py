@@ -128,3 +128,14 @@ def test_console_script_is_the_same_entry_point():
     out = subprocess.run([exe, "--cfg", "job", "model=tiny"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "build_tiny" in out.stdout
+
+
+def test_algorithm_train_takes_any_train_key_and_wins_for_that_stage_only():
+    from align_runner.config import stage_train
+
+    cfg = compose(["algorithm=dpo", "algorithm.train.max_steps=24", "train.max_steps=7"])
+    dpo, sft = stage_train(cfg, cfg.algorithm), stage_train(cfg, cfg.upstream.sft)
+    assert (dpo.max_steps, dpo.lr) == (24, 5e-6)  # lr from conf/algorithm/dpo.yaml
+    assert (sft.max_steps, sft.lr) == (7, cfg.train.lr)
+    with pytest.raises(ConfigError, match=r"'lrr' is not a key of algorithm.train.*Did you mean 'lr'"):
+        compose(["algorithm=dpo", "algorithm.train.lrr=1"])

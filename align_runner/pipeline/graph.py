@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from align_runner.config import stage_train
 from align_runner.registry import get_stage
 from align_runner.stages.context import StageSpec
 
@@ -137,7 +138,7 @@ def stage_config(cfg: DictConfig, spec: StageSpec, views: list[str]) -> dict[str
         return {"data": data, "tokenizer": model["source"], "views": views}
     out: dict[str, Any] = {"section": section, "model": model}
     if get_stage(spec.kind).trains:
-        train = OmegaConf.to_container(OmegaConf.merge(cfg.train, section.get("train") or {}), resolve=True)
+        train = OmegaConf.to_container(stage_train(cfg, OmegaConf.select(cfg, spec.config)), resolve=True)
         out["train"] = train
         out["section"] = {k: v for k, v in section.items() if k != "train"}
         # numerics and the effective batch depend on these; the backend's name does not

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from align_runner.config import stage_train
 from align_runner.pipeline.runner import plan
 from align_runner.pipeline.store import StageStore
 from align_runner.registry import get_stage
@@ -228,7 +229,7 @@ def print_plan(cfg: DictConfig) -> None:
                 memory = "unknown (set model.num_params)"
             else:
                 section = OmegaConf.select(cfg, p.spec.config)
-                train = OmegaConf.merge(cfg.train, section.get("train") or {})
+                train = stage_train(cfg, section)
                 est = stage_estimate(cfg, shape, train)
                 memory = _gib(est.total)
                 details.append(

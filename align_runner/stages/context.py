@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from align_runner.config import stage_train
 from align_runner.engine.backend import Backend, model_dtype
 from align_runner.engine.loop import Engine
 from align_runner.engine.trackers import Tracker, job_identity
@@ -58,7 +59,7 @@ class StageContext:
     @cached_property
     def train(self) -> DictConfig:
         """cfg.train with the stage's own ``train:`` changes applied (validated against TrainConfig)."""
-        merged = OmegaConf.merge(self.cfg.train, self.section.get("train") or {})
+        merged = stage_train(self.cfg, self.section)
         return merged
 
     @property
