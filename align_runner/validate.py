@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import logging
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from align_runner import config as schema
+
+log = logging.getLogger("align_runner")
 
 
 class ConfigError(ValueError):
@@ -189,4 +192,12 @@ def validate(cfg: DictConfig) -> None:
 
     check_values(cfg)
     check_targets(cfg)
-    build_graph(cfg)
+    specs = build_graph(cfg)
+    stage = str(cfg.pipeline.objective).partition("/")[0]
+    if stage not in {s.name for s in specs}:
+        # not an error: pipelines without eval stages (pipeline.eval=false, algorithm=reward) are fine,
+        # but a sweeper optimising None should hear why before the run, not after it
+        log.warning(
+            "pipeline.objective=%s names no stage of this pipeline (%s); the run returns no objective",
+            cfg.pipeline.objective, ", ".join(s.name for s in specs),
+        )

@@ -139,3 +139,9 @@ def test_algorithm_train_takes_any_train_key_and_wins_for_that_stage_only():
     assert (sft.max_steps, sft.lr) == (7, cfg.train.lr)
     with pytest.raises(ConfigError, match=r"'lrr' is not a key of algorithm.train.*Did you mean 'lr'"):
         compose(["algorithm=dpo", "algorithm.train.lrr=1"])
+
+
+def test_an_objective_naming_no_stage_is_reported_before_the_run(caplog):
+    with caplog.at_level("WARNING", logger="align_runner"):
+        compose(["pipeline.eval=false"])
+    assert "pipeline.objective=eval_after/accuracy names no stage of this pipeline (data_prep, sft)" in caplog.text

@@ -78,7 +78,7 @@ def _check(specs: list[StageSpec], cfg: DictConfig) -> None:
         raise PipelineConfigError(f"the first stage must be data_prep; got {names}")
     seen: set[str] = set()
     for s in specs:
-        kind = get_stage(s.kind)  # unknown kinds fail here, listing the known ones
+        get_stage(s.kind)  # an unknown kind fails here, listing the known ones
         if s.model_from is not None:
             if s.model_from not in seen:
                 raise PipelineConfigError(f"stage {s.name!r}: model_from {s.model_from!r} is not an earlier stage of {names}")
@@ -88,7 +88,6 @@ def _check(specs: list[StageSpec], cfg: DictConfig) -> None:
             raise PipelineConfigError(f"stage {s.name!r}: config node {s.config!r} does not exist")
         if s.kind in READS_REFERENCE:
             _check_reference(s, [x for x in specs if x.name in seen], cfg)
-        del kind
         seen.add(s.name)
 
 

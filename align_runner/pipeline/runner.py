@@ -123,7 +123,6 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
 
     for p in stages:
         t0 = time.perf_counter()
-        kind = get_stage(p.spec.kind)
         stage_dir = store.stage_dir(p.spec.kind, p.key)
         hit = store.is_done(p.spec.kind, p.key) and not p.forced
         if hit:
@@ -137,7 +136,6 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
         records.append(StageRecord(p.spec.name, p.spec.kind, p.key, str(stage_dir), hit, time.perf_counter() - t0, metrics))
         if backend.is_main:
             _link(run_dir / "stages" / p.spec.name, stage_dir)
-        del kind
     objective = _objective(cfg, records)
     if backend.is_main:
         atomic_write_json(run_dir / "run.json", redact(_run_manifest(cfg, records, objective, backend)))

@@ -6,7 +6,6 @@ stage's key (computed by the pipeline from the same inputs) covers everything th
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -166,6 +165,3 @@ class StageContext:
     def write_json(self, name: str, obj: Any) -> None:
         if self.is_main:
             atomic_write_json(self.out_dir / name, obj)
-
-    def read_json(self, stage: str, name: str) -> Any:
-        return json.loads((self.inputs[stage] / name).read_text())
