@@ -145,9 +145,10 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-5
     weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    # a _target_ building the optimizer, called as factory(params, lr=lr, weight_decay=weight_decay)
+    optimizer: Any = field(
+        default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True, "betas": [0.9, 0.999], "eps": 1e-8}
+    )
     scheduler: Scheduler = Scheduler.cosine
     warmup_ratio: float = 0.0
     # 0 disables clipping
@@ -213,6 +214,54 @@ class PreferenceAlgorithmConfig(AlgorithmConfig):
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 
+@dataclass
+class GenerationConfig:
+    # new tokens per completion (the maximum completion length)
+    max_new_tokens: int = 16
+    # sampling temperature; 0 = greedy (no exploration: every completion of a group is the same)
+    temperature: float = 1.0
+    # nucleus sampling: keep the smallest set of tokens covering this probability (1 = off)
+    top_p: float = 1.0
+    # keep the k most likely tokens (0 = off)
+    top_k: int = 0
+    # drop tokens less likely than min_p x the most likely one (0 = off)
+    min_p: float = 0.0
+    # completions per generation forward pass
+    batch_size: int = 64
+
+
+@dataclass
+class OnlineAlgorithmConfig(AlgorithmConfig):
+    """Online RL (GRPO and its variants): rollout -> score -> advantages -> updates, repeated."""
+
+    # completions sampled per prompt (G); advantages compare the completions of one prompt
+    num_generations: int = 8
+    # prompts per rollout over all processes (the rollout has prompts_per_rollout x num_generations rows)
+    prompts_per_rollout: int = 8
+    # rollouts to train for
+    rollouts: int = 20
+    # optimizer steps one rollout is split into (each sees prompts_per_rollout / steps_per_rollout prompts)
+    steps_per_rollout: int = 1
+    # passes over each rollout (the GRPO paper's mu); > 1 reuses samples, clipped by the ratio to the old policy
+    num_iterations: int = 1
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # name -> reward function _target_ with TRL's signature fn(prompts=, completions=, completion_ids=, **columns)
+    rewards: dict[str, Any] = field(default_factory=dict)
+    # name -> weight of each reward (missing: 1.0); "reward_model" weighs the reward stage's score when the
+    # pipeline has one
+    reward_weights: dict[str, float] = field(default_factory=dict)
+    # advantages from a rollout's rewards: a _target_ fn(rewards (N,), group_size) -> (N,)
+    advantage: Any = None
+    # loss aggregation: a _target_ fn(mask, **context) -> (token weights, num_items) (align_runner.algos.reduce)
+    aggregation: Any = None
+    # completions cut by max_new_tokens count nowhere in the loss (DAPO's overlong filtering)
+    mask_truncated_completions: bool = False
+    # groups whose completions all got the same reward count nowhere in the loss (no signal; DAPO)
+    filter_zero_std_groups: bool = False
+    # completions per rollout written to rollouts.jsonl for the report
+    samples: int = 4
+
+
 # ------------------------------------------------------------------------------------------ eval
 
 
@@ -265,6 +314,8 @@ class StageSpecConfig:
     kind: str = MISSING
     # stage whose model this stage starts from; null = model.source
     model_from: Optional[str] = None
+    # role -> earlier stage providing it, for the inputs the kind declares (e.g. {reference: ref_logps})
+    inputs: dict[str, str] = field(default_factory=dict)
     # config node holding the stage's settings (e.g. algorithm, upstream.sft, eval)
     config: str = MISSING
 
@@ -327,6 +378,15 @@ class RootConfig:
     seed: int = 0
 
 
+# schema name (first entry of an algorithm YAML's defaults list) -> dataclass; validate.py checks
+# `algorithm.*` overrides against the schema of the algorithm the command line selects
+ALGORITHM_SCHEMAS: dict[str, type] = {
+    "algorithm_schema": AlgorithmConfig,
+    "preference_schema": PreferenceAlgorithmConfig,
+    "online_schema": OnlineAlgorithmConfig,
+}
+
+
 def register_resolvers() -> None:
     """``${ar.demo:<file>}``: a file of the shipped demo dataset (works from any working directory)."""
     from align_runner.data.demo import DEMO_DIR
@@ -352,5 +412,5 @@ def register_configs() -> None:
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node)
     cs.store(group="model/lora", name="lora_schema", node=LoraConfig)
-    cs.store(group="algorithm", name="algorithm_schema", node=AlgorithmConfig)
-    cs.store(group="algorithm", name="preference_schema", node=PreferenceAlgorithmConfig)
+    for name, node in ALGORITHM_SCHEMAS.items():
+        cs.store(group="algorithm", name=name, node=node)

@@ -7,8 +7,8 @@ Built-in stages register with ``@register_stage``; third-party packages add kind
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -20,7 +20,27 @@ _BUILTIN_MODULES = (
     "align_runner.stages.reward",
     "align_runner.stages.ref_logps",
     "align_runner.stages.dpo",
+    "align_runner.stages.grpo",
 )
+
+
+@dataclass(frozen=True)
+class Input:
+    """An input a stage kind reads besides its data and its starting model, declared by role.
+
+    kind: the kind of stage that provides it (e.g. ``reward`` for a GRPO stage's ``reward_model``).
+    required: a pipeline without such a provider is a config error; an optional input is bound when
+    the pipeline has a provider and simply absent otherwise.
+    derived: for an input computed from this stage's own starting model (DPO's reference log-probs):
+    the config node, under the stage's section, of the provider that ``pipeline=auto`` inserts right
+    before the stage; its ``stage`` key names it (in explicit pipelines too, unless ``inputs`` binds it).
+    what: how messages name it ("reference log-probs").
+    """
+
+    kind: str
+    required: bool = True
+    derived: str | None = None
+    what: str = ""
 
 
 @dataclass(frozen=True)
@@ -33,6 +53,9 @@ class StageKind:
     pipeline over data that lacks it fails at config time.
     policy: its model is a causal-LM policy: later stages of pipeline=auto continue from it and eval
     generates with it. False for a scorer (a reward model), which later stages read as an input.
+    inputs: role -> ``Input``: what else it reads. Its key covers each input's key, and the stage's
+    context hands it exactly these (plus ``data`` and ``model``), nothing else.
+    key_metrics: metrics worth a column in the end-of-run table, in order.
     """
 
     name: str
@@ -40,19 +63,29 @@ class StageKind:
     trains: bool
     views: tuple[str, ...]
     policy: bool = True
+    inputs: Mapping[str, Input] = field(default_factory=dict)
+    key_metrics: tuple[str, ...] = ()
 
 
 _STAGES: dict[str, StageKind] = {}
 _loaded = False
 
 
-def register_stage(name: str, *, trains: bool, views: tuple[str, ...] = (), policy: bool = True):
+def register_stage(
+    name: str,
+    *,
+    trains: bool,
+    views: tuple[str, ...] = (),
+    policy: bool = True,
+    inputs: Mapping[str, Input] | None = None,
+    key_metrics: tuple[str, ...] = (),
+):
     """Decorator registering a stage function under ``name`` (fields as in ``StageKind``)."""
 
     def deco(fn):
         if name in _STAGES and _STAGES[name].fn is not fn:
             raise ValueError(f"stage kind {name!r} is registered twice ({_STAGES[name].fn} and {fn})")
-        _STAGES[name] = StageKind(name, fn, trains, tuple(views), policy)
+        _STAGES[name] = StageKind(name, fn, trains, tuple(views), policy, dict(inputs or {}), tuple(key_metrics))
         return fn
 
     return deco

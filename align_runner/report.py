@@ -34,8 +34,6 @@ PANELS = (
     ("Rewards", "reward", ("rewards/chosen", "rewards/rejected")),
     ("Accuracy", "accuracy", ("accuracy", "eval/accuracy")),
 )
-# stage kinds whose metrics.jsonl is not a training curve
-NOT_TRAINED = ("data_prep", "eval", "export")
 # eval metrics that are counts or on another scale than the checkers' scores: table only, no bars
 NOT_TASK_METRICS = ("num_prompts", "completion_tokens", "heldout_loss")
 # metrics shown in the stage table when present, in this order (at most HEADLINE_MAX of them)
@@ -69,13 +67,13 @@ def write_report(run_dir: str | Path) -> Path:
             parts.append(f"![task metrics before and after]({png.relative_to(run_dir)})")
     curves = []
     for s in stages:
-        if s["kind"] not in NOT_TRAINED:
+        if _trains(s["kind"]):
             png = plot_training(s["name"], read_metrics(stage_dir(run_dir, s) / "metrics.jsonl"), plot_dir)
             if png is not None:
                 curves.append(f"### {s['name']}\n\n![{s['name']} training curves]({png.relative_to(run_dir)})")
     if curves:
         parts += ["## Training curves", *curves]
-    evals = [s for s in stages if s["kind"] == "eval"]
+    evals = [s for s in stages if (stage_dir(run_dir, s) / "samples.json").exists()]
     if evals:
         parts += ["## Sample generations", _samples_table(run_dir, evals)]
     config = run_dir / "config.yaml"
@@ -84,6 +82,17 @@ def write_report(run_dir: str | Path) -> Path:
     report = run_dir / "report.md"
     report.write_text("\n\n".join(parts) + "\n")
     return report
+
+
+def _trains(kind: str) -> bool:
+    """Whether a kind's metrics.jsonl is a training curve; a kind whose plugin is not installed here
+    is plotted when it logged anything."""
+    from align_runner.registry import get_stage
+
+    try:
+        return get_stage(kind).trains
+    except KeyError:
+        return True
 
 
 def stage_dir(run_dir: Path, stage: dict[str, Any]) -> Path:

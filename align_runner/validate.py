@@ -31,8 +31,6 @@ class ConfigError(ValueError):
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
-# Where a dotted override path starts: every root field; `algorithm` takes the widest schema.
-_ROOT_OVERRIDES = {"algorithm": schema.PreferenceAlgorithmConfig}
 
 
 def _suggest(word: str, options: Iterable[str]) -> str:
@@ -51,8 +49,31 @@ def _field_type(cls: type, name: str) -> Any:
     return tp
 
 
-def check_override_key(key: str) -> None:
-    """Raise ConfigError when a dotted ``key`` cannot exist in the schema."""
+def algorithm_schema(choice: str) -> type:
+    """The dataclass typing ``conf/algorithm/<choice>.yaml``: the ``*_schema`` its defaults list names."""
+    path = CONF_DIR / "algorithm" / f"{choice}.yaml"
+    defaults = OmegaConf.load(path).get("defaults", []) if path.exists() else []
+    for d in defaults:
+        if isinstance(d, str) and d in schema.ALGORITHM_SCHEMAS:
+            return schema.ALGORITHM_SCHEMAS[d]
+        if isinstance(d, str) and d != "_self_" and d != choice:
+            return algorithm_schema(d)  # a variant built on another algorithm file (dapo on grpo)
+    return schema.AlgorithmConfig
+
+
+def _selected_algorithm(overrides: Iterable[str]) -> str:
+    """The algorithm group option the command line picks (the root config's default otherwise)."""
+    choice = "sft"
+    for ov in overrides:
+        key, _, value = ov.lstrip("+").partition("=")
+        if key == "algorithm" and value and "," not in value:
+            choice = value
+    return choice
+
+
+def check_override_key(key: str, algorithm: type = schema.AlgorithmConfig) -> None:
+    """Raise ConfigError when a dotted ``key`` cannot exist in the schema (``algorithm.*`` keys are
+    checked against ``algorithm``, the schema of the selected algorithm)."""
     parts = key.split(".")
     cls: Any = schema.RootConfig
     for depth, part in enumerate(parts):
@@ -62,7 +83,7 @@ def check_override_key(key: str) -> None:
         if part not in names:
             where = ".".join(parts[:depth]) or "the top level"
             raise ConfigError(f"unknown config key {key!r}: {part!r} is not a key of {where}.{_suggest(part, names)}")
-        cls = _ROOT_OVERRIDES.get(part) if depth == 0 and part in _ROOT_OVERRIDES else _field_type(cls, part)
+        cls = algorithm if depth == 0 and part == "algorithm" else _field_type(cls, part)
 
 
 def _groups() -> dict[str, list[str]]:
@@ -76,6 +97,8 @@ def _groups() -> dict[str, list[str]]:
 def check_override_keys(overrides: Iterable[str]) -> None:
     """Check command-line overrides: group choices against the files, dotted keys against the schema."""
     groups = _groups()
+    overrides = list(overrides)
+    algorithm = algorithm_schema(_selected_algorithm(overrides))
     for ov in overrides:
         if ov.startswith(("-", "+", "~")) or "=" not in ov:
             continue  # flags, additions and deletions are the user's explicit choice
@@ -93,7 +116,7 @@ def check_override_keys(overrides: Iterable[str]) -> None:
                         f"Valid options: {', '.join(choices)}"
                     )
             continue
-        check_override_key(key)
+        check_override_key(key, algorithm)
 
 
 # ------------------------------------------------------------------------------------- composed
@@ -164,9 +187,33 @@ def check_values(cfg: DictConfig) -> None:
         cfg.model.quantization in (None, "4bit", "8bit"), "model.quantization", "null, '4bit' or '8bit'", cfg.model.quantization
     )
     _check_hardware(cfg)
+    if "num_generations" in cfg.algorithm:
+        _check_online(cfg.algorithm, int(hw.num_processes) * int(hw.num_nodes))
     known = {"tensorboard", "wandb"}
     for b in cfg.tracking.backends:
         _require(b in known, "tracking.backends", f"a list drawn from {sorted(known)}", list(cfg.tracking.backends))
+
+
+def _check_online(a: DictConfig, world: int) -> None:
+    """An online-RL algorithm's sizes fit together (schema: config.OnlineAlgorithmConfig)."""
+    _require(a.num_generations >= 2, "algorithm.num_generations", "an integer >= 2 (advantages compare the completions of one prompt)", a.num_generations)
+    for key in ("rollouts", "steps_per_rollout", "num_iterations", "prompts_per_rollout"):
+        _require(a[key] >= 1, f"algorithm.{key}", "an integer >= 1", a[key])
+    blocks = int(a.steps_per_rollout) * world
+    _require(
+        a.prompts_per_rollout % blocks == 0,
+        "algorithm.prompts_per_rollout",
+        f"a multiple of steps_per_rollout x processes = {a.steps_per_rollout} x {world} (each step's prompts are "
+        "dealt out to the processes in equal blocks)",
+        a.prompts_per_rollout,
+    )
+    g = a.generation
+    _require(g.max_new_tokens >= 1, "algorithm.generation.max_new_tokens", "an integer >= 1", g.max_new_tokens)
+    _require(g.temperature >= 0, "algorithm.generation.temperature", ">= 0 (0 = greedy)", g.temperature)
+    _require(0 < g.top_p <= 1, "algorithm.generation.top_p", "a probability in (0, 1]", g.top_p)
+    _require(g.top_k >= 0, "algorithm.generation.top_k", "an integer >= 0 (0 = off)", g.top_k)
+    _require(0 <= g.min_p < 1, "algorithm.generation.min_p", "a fraction in [0, 1)", g.min_p)
+    _require(g.batch_size >= 1, "algorithm.generation.batch_size", "an integer >= 1", g.batch_size)
 
 
 def _check_hardware(cfg: DictConfig) -> None:

@@ -41,6 +41,13 @@ def slow_sft_loss(logits, labels, *, num_items=None, delay: float = 0.0):
     return sft_loss(logits, labels, num_items=num_items)
 
 
+def even_token_reward(completion_ids, *, delay: float = 0.0, **_):
+    """A learnable rule for the tiny model: the share of a completion's tokens whose id is even. A
+    random policy scores about 0.5; GRPO should push it up. ``delay`` slows each call (kill tests)."""
+    time.sleep(delay)
+    return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")])
@@ -123,11 +130,11 @@ def complete_checkpoints(stage: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in ckpt.glob("step-*") if not p.name.endswith(".tmp") and (p / "meta.pt").exists())
 
 
-def wait_for_checkpoint(outputs: Path, proc: subprocess.Popen, timeout: float = 300) -> int:
-    """Poll until a complete step checkpoint of the sft stage exists; returns its step."""
+def wait_for_checkpoint(outputs: Path, proc: subprocess.Popen, timeout: float = 300, kind: str = "sft") -> int:
+    """Poll until a complete step checkpoint of the ``kind`` stage exists; returns its step."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for stage in Path(outputs, "store").glob("sft-*"):
+        for stage in Path(outputs, "store").glob(f"{kind}-*"):
             steps = complete_checkpoints(stage)
             if steps:
                 return steps[-1]

@@ -102,3 +102,48 @@ def test_nonfinite_losses_are_skipped_then_fail(tiny_dir, tmp_path):
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses at step 3"):
         engine.fit(nan_step, model=model, train_data=_rows(8), collate=partial(collate_sft, pad_id=0))
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))  # no NaN reached the weights
+
+
+def _two_models_online(tmp_path, crash_at: int | None = None):
+    """fit_online with two models (a "policy" and a "critic"), each its own TrainState and optimizer."""
+    from align_runner.algos.types import LossOutput
+    from align_runner.engine.online import Rollout, Update, fit_online
+
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig),
+        {"lr": 1e-2, "scheduler": "linear", "progress": False, "save_every": 2, "keep_last": 1},
+    )
+    backend = get_backend(OmegaConf.structured(HardwareConfig(name="cpu")))
+    engine = Engine(cfg, backend, out_dir=tmp_path, seed=0, tracker=Tracker(tmp_path, stage="t", enabled=True))
+    torch.manual_seed(0)
+    policy, critic = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    states = [engine.setup(policy, total_steps=8, name="policy"), engine.setup(critic, total_steps=8, name="critic")]
+
+    def loss(m, batch):
+        return LossOutput(((m(batch["x"]) - batch["y"]) ** 2).mean(), {})
+
+    def rollout(i):
+        if i == crash_at:
+            raise KeyboardInterrupt("killed")
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(4, 3, generator=g)
+        return Rollout([[{"x": x, "y": x.sum(1, keepdim=True), "num_items": 4}]] * 2, {"rollout": float(i)})
+
+    fit_online(engine, updates=[Update(s, loss) for s in states], rollouts=4, make_rollout=rollout)
+    return policy, critic, states
+
+
+def test_online_loop_trains_two_models_and_resumes_both(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _two_models_online(tmp_path / "a", crash_at=3)
+    assert sorted(p.name for p in (tmp_path / "a" / "ckpt").iterdir()) == ["step-2"]
+    assert sorted(p.name for p in (tmp_path / "a" / "ckpt" / "step-2").iterdir() if p.is_dir()) == ["critic", "policy"]
+    resumed = _two_models_online(tmp_path / "a")
+    clean = _two_models_online(tmp_path / "b")
+    for a, b in zip(resumed[:2], clean[:2]):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    # each model took 2 optimizer steps per rollout on its own optimizer and schedule
+    assert [s.step for s in resumed[2]] == [8, 8]
+    assert resumed[2][0].optimizer is not resumed[2][1].optimizer
+    rows = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "critic/loss" in rows[-1] and "loss" in rows[-1]

@@ -25,6 +25,7 @@ from cli_runner import (
 
 from align_runner import api
 from align_runner.engine.checkpoint import CheckpointManager
+from align_runner.engine.loop import TrainState
 from align_runner.pipeline.store import DONE
 
 # 12 optimizer steps of >= 0.25 s each, a checkpoint every 3: time enough to kill the run mid-stage
@@ -156,14 +157,15 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     mgr = CheckpointManager(tmp_path, keep_last=2, backend=Single())
+    state = TrainState("policy", model, opt, sched, total_steps=3)
     for step in (1, 2, 3):
         with torch.no_grad():
             model.weight.fill_(float(step))
-        mgr.save(step, model, opt, sched)
+        mgr.save(step, [state])
     assert mgr.steps() == [2, 3]
     (tmp_path / "step-4.tmp").mkdir()  # killed while writing step 4
     with torch.no_grad():
         model.weight.zero_()
-    step, folder = mgr.restore(model, opt, sched)
+    step, folder = mgr.restore([state])
     assert (step, folder.name) == (3, "step-3")
     assert torch.equal(model.weight, torch.full((2, 2), 3.0))

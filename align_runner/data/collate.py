@@ -117,3 +117,37 @@ def _extra_fields(examples: Sequence[Mapping], skip: set[str], *, tensors: bool)
         numeric = all(isinstance(v, Number) and not isinstance(v, bool) for v in values)
         out[key] = torch.tensor(values) if tensors and numeric else values
     return out
+
+
+def collate_completions(examples: Sequence[Mapping], pad_id: int) -> dict:
+    """Right-padded prompt + completion rows of an online-RL rollout, aligned for per-token losses.
+
+    Each example has ``prompt_ids`` and ``completion_ids`` and optionally per-completion-token lists
+    (``old_logps``, ``ref_logps``). Returns ``input_ids`` / ``attention_mask`` (B, T) and
+    ``completion_mask`` (B, T-1), aligned with ``shifted_token_logps`` (position t-1 predicts token t):
+    1 where the predicted token is a completion token. Per-token lists are placed at the same
+    positions as (B, T-1) float tensors; scalar fields become (B,) tensors.
+    """
+    _check(examples, pad_id)
+    sequences = [list(e["prompt_ids"]) + list(e["completion_ids"]) for e in examples]
+    width = _width(sequences, None)
+    mask = torch.zeros((len(examples), max(width - 1, 0)), dtype=torch.long)
+    spans = []
+    for i, e in enumerate(examples):
+        start, stop = len(e["prompt_ids"]) - 1, len(sequences[i]) - 1
+        mask[i, start:stop] = 1
+        spans.append((start, stop))
+    batch: dict[str, Any] = {
+        "input_ids": _pad(sequences, width, pad_id, left=False),
+        "attention_mask": _pad([[1] * len(s) for s in sequences], width, 0, left=False),
+        "completion_mask": mask,
+    }
+    for key in ("old_logps", "ref_logps"):
+        if examples[0].get(key) is not None:
+            values = torch.zeros(mask.shape, dtype=torch.float32)
+            for i, (start, stop) in enumerate(spans):
+                values[i, start:stop] = torch.as_tensor(examples[i][key], dtype=torch.float32)
+            batch[key] = values
+    skip = {"prompt_ids", "completion_ids", "old_logps", "ref_logps"}
+    batch.update(_extra_fields(examples, skip, tensors=True))
+    return batch

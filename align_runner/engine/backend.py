@@ -85,8 +85,6 @@ class Backend:
     def __init__(self, hardware: Any):
         self.hardware = hardware
         self.precision = effective_precision(hardware)
-        # sharding facts found when the model was prepared, for describe() / run.json
-        self.evidence: dict[str, Any] = {}
 
     # -- topology
     @property
@@ -115,17 +113,21 @@ class Backend:
     def weights_dtype(cls, hardware: Any, requested: str = "auto") -> torch.dtype:
         if requested != "auto":
             return _NAMED_DTYPES[requested]
-        precision = effective_precision(hardware)
-        # fp16 trains with fp32 master weights and a loss scaler; bf16 weights train directly
-        return torch.bfloat16 if precision == "bf16" else torch.float32
+        # fp32 master weights under bf16/fp16 autocast, as TRL and HF Trainer do: an AdamW update at
+        # lr 1e-6 is far below bf16's spacing (2^-8 relative) and would vanish in bf16 weights. Pure
+        # bf16 weights only when asked for (model.dtype=bfloat16).
+        return torch.float32
 
     # -- training
     def prepare(
         self, model: nn.Module, params: list[nn.Parameter], make_optimizer: MakeOptimizer, train: Any
-    ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Wrap ``model`` and build its optimizer over ``params``; returns what the loop steps.
+    ) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+        """Wrap ``model`` and build its optimizer over ``params``: (wrapped model, optimizer, evidence).
 
-        The returned optimizer is the one a learning-rate scheduler drives (its ``param_groups``)."""
+        The optimizer is the one a learning-rate scheduler drives (its ``param_groups``); evidence is
+        what the wrapping did (wrapper class, partition sizes, placements), for run.json. Everything a
+        later call needs lives in the returned model and optimizer, never in the backend, so one
+        backend can train several models (a policy and a critic)."""
         raise NotImplementedError
 
     def prepare_eval(self, model: nn.Module) -> nn.Module:
@@ -135,7 +137,7 @@ class Backend:
         """Skip the gradient reduction on accumulation micro-steps that are not the last."""
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
         loss.backward()
 
     def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
@@ -219,7 +221,6 @@ class Backend:
             "world_size": self.world_size,
             "device": str(self.device),
             "precision": self.precision,
-            "sharding": dict(self.evidence),
         }
 
 
@@ -256,13 +257,12 @@ class DDPBackend(Backend):
 
     def prepare(self, model, params, make_optimizer, train):
         model, optimizer = self.accelerator.prepare(model, make_optimizer(params))
-        self.evidence = {"wrapper": type(model).__name__}
-        return model, optimizer
+        return model, optimizer, {"wrapper": type(model).__name__}
 
     def no_sync(self, model, sync):
         return contextlib.nullcontext() if sync or self.world_size == 1 else self.accelerator.no_sync(model)
 
-    def backward(self, loss):
+    def backward(self, model, loss):
         self.accelerator.backward(loss)
 
     def optimizer_step(self, model, optimizer, max_grad_norm):
@@ -293,7 +293,6 @@ class DeepSpeedBackend(Backend):
         if int(hardware.zero_stage) not in (1, 2, 3):
             raise ValueError(f"hardware.zero_stage={hardware.zero_stage}: backend=deepspeed needs 1, 2 or 3")
         init_process_group(str(hardware.device))
-        self.engine: Any = None
 
     @property
     def name(self) -> str:
@@ -325,42 +324,43 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         optimizer = make_optimizer(params)
-        self.engine, _, _, _ = deepspeed.initialize(
+        # the DeepSpeedEngine is the wrapped model: every later call finds its ZeRO state through it
+        engine, _, _, _ = deepspeed.initialize(
             model=model.to(self.device), optimizer=optimizer, config=self.ds_config(train)
         )
-        zero_opt = self.engine.optimizer
-        self.evidence = {
+        zero_opt = engine.optimizer
+        evidence = {
             "optimizer": type(zero_opt).__name__,
-            "zero_stage": int(self.engine.zero_optimization_stage()),
+            "zero_stage": int(engine.zero_optimization_stage()),
             "optimizer_partition_numel": _zero_partition_numel(zero_opt),
             "trainable_numel": sum(int(getattr(p, "ds_numel", p.numel())) for p in params),
         }
         if int(self.hardware.zero_stage) == 3:  # weights partitioned too: each rank holds its ds_tensor
-            module = self.engine.module
-            self.evidence["local_param_numel"] = sum(int(p.ds_tensor.numel()) for p in module.parameters())
-            self.evidence["param_numel"] = sum(int(p.ds_numel) for p in module.parameters())
+            module = engine.module
+            evidence["local_param_numel"] = sum(int(p.ds_tensor.numel()) for p in module.parameters())
+            evidence["param_numel"] = sum(int(p.ds_numel) for p in module.parameters())
         # The base optimizer's param_groups (same dicts ZeRO steps with) carry the scheduler's lr.
-        return self.engine, optimizer
+        return engine, optimizer, evidence
 
     def no_sync(self, model, sync):
         # ZeRO-2/3 reduce every micro-step into partitions; the boundary flag tells ZeRO when to
         # finish the reduction so one engine.step() applies the accumulated gradient.
-        self.engine.set_gradient_accumulation_boundary(sync)
+        model.set_gradient_accumulation_boundary(sync)
         return contextlib.nullcontext()
 
-    def backward(self, loss):
+    def backward(self, model, loss):
         # the loop already divides by the step's global item count
-        self.engine.backward(loss, scale_wrt_gas=False)
+        model.backward(loss, scale_wrt_gas=False)
 
     def optimizer_step(self, model, optimizer, max_grad_norm):
-        self.engine.step()
-        return _to_float(self.engine.get_global_grad_norm())
+        model.step()
+        return _to_float(model.get_global_grad_norm())
 
     def discard_gradients(self, model, optimizer):
         # ZeRO holds reduced gradients in its partitions; its step skips the update and clears them
         # when the gradient norm is not finite (its overflow path), which a non-finite loss gives.
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        model.step()
+        norm = model.get_global_grad_norm()
         if norm is not None and torch.isfinite(torch.as_tensor(norm)):
             raise RuntimeError("DeepSpeed applied an update for a step whose loss was not finite")
 
@@ -368,17 +368,17 @@ class DeepSpeedBackend(Backend):
         return getattr(model, "module", model)
 
     def full_state_dict(self, model):
-        if int(self.hardware.zero_stage) == 3 and self.engine is not None:
-            state = self.engine._zero3_consolidated_16bit_state_dict()  # gathers to rank 0
+        if int(self.hardware.zero_stage) == 3 and hasattr(model, "_zero3_consolidated_16bit_state_dict"):
+            state = model._zero3_consolidated_16bit_state_dict()  # gathers to rank 0
             return {k: v.cpu() for k, v in state.items()} if self.is_main else None
         return super().full_state_dict(model)
 
     def save_train_state(self, directory, model, optimizer):
         # every rank writes its own ZeRO partition of the optimizer state
-        self.engine.save_checkpoint(str(directory), tag="zero", save_latest=False)
+        model.save_checkpoint(str(directory), tag="zero", save_latest=False)
 
     def load_train_state(self, directory, model, optimizer):
-        self.engine.load_checkpoint(
+        model.load_checkpoint(
             str(directory), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
         )
 
@@ -427,14 +427,14 @@ class FSDP2Backend(Backend):
         # fully_shard swaps every parameter for a DTensor one: rebuild the optimizer's list by name
         named = dict(model.named_parameters())
         sharded = [p for p in named.values() if isinstance(p, DTensor)]
-        self.evidence = {
+        evidence = {
             "dtensor_params": len(sharded),
             "params": len(named),
             "placements": sorted({str(p.placements) for p in sharded}),
             "local_numel": int(sum(p.to_local().numel() for p in sharded)),
             "global_numel": int(sum(p.numel() for p in sharded)),
         }
-        return model, make_optimizer([named[n] for n in names])
+        return model, make_optimizer([named[n] for n in names]), evidence
 
     @contextlib.contextmanager
     def no_sync(self, model, sync):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    """``<root>/step-N/``: ``meta.pt`` (step, scheduler), ``rng.pt`` (every rank's RNG states),
-    ``metrics.jsonl`` and the backend's model/optimizer files. Keeps the newest ``keep_last``."""
+    """``<root>/step-N/``: ``meta.pt`` (position, each model's scheduler and step count, the stage's
+    extra state), ``rng.pt`` (every rank's RNG states), ``metrics.jsonl`` and, per trained model, a
+    folder of the backend's model/optimizer files. Keeps the newest ``keep_last``."""
 
     def __init__(self, root: Path, *, keep_last: int, backend: Any):
         self.root = Path(root)
         self.keep_last = max(1, keep_last)
         self.backend = backend
+
+    def extra(self, directory: Path) -> Any:
+        """The ``extra`` object saved with the checkpoint in ``directory``."""
+        return torch.load(Path(directory) / META, map_location="cpu", weights_only=False)["extra"]
 
     def steps(self) -> list[int]:
         """Steps of complete checkpoints, oldest first (``.tmp`` folders are unfinished writes)."""
@@ -60,24 +66,34 @@ class CheckpointManager:
         done = [p for p in self.root.glob("step-*") if not p.name.endswith(".tmp") and (p / META).exists()]
         return sorted(int(p.name.split("-")[1]) for p in done)
 
-    def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, *, history: Path | None = None) -> None:
-        """Collective. The main process writes all but sharded model/optimizer state, which the backend
-        has every rank write its own part of."""
+    def save(self, step: int, states: Sequence[Any], *, history: Path | None = None, extra: Any = None) -> None:
+        """Collective. ``step`` is the position to continue from (an optimizer step, or an online
+        iteration); ``states`` are the stage's ``TrainState``s, each written to its own folder. The main
+        process writes all but sharded model/optimizer state, which the backend has every rank write
+        its own part of. ``extra`` is any picklable state the stage needs back (main process only)."""
         final = self.root / f"step-{step}"
         tmp = self.root / f"step-{step}.tmp"
         if self.backend.is_main:
             for stale in self.root.glob("step-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
+            for state in states:
+                (tmp / state.name).mkdir()
         self.backend.barrier()
-        self.backend.save_train_state(tmp, model, optimizer)
+        for state in states:
+            self.backend.save_train_state(tmp / state.name, state.model, state.optimizer)
         # every rank's RNG, written by the main process (only sharded model state needs every rank to write)
         rngs = self.backend.gather_object(rng_state())
         if self.backend.is_main:
             torch.save({"rng": rngs}, tmp / RNG)
             if history is not None and Path(history).exists():
                 shutil.copyfile(history, tmp / HISTORY)
-            torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / META)
+            meta = {
+                "step": step,
+                "states": {s.name: {"scheduler": s.scheduler.state_dict(), "step": s.step} for s in states},
+                "extra": extra,
+            }
+            torch.save(meta, tmp / META)
         self.backend.barrier()
         if self.backend.is_main:
             shutil.rmtree(final, ignore_errors=True)
@@ -86,17 +102,18 @@ class CheckpointManager:
                 shutil.rmtree(self.root / f"step-{old}", ignore_errors=True)
         self.backend.barrier()
 
-    def restore(self, model: torch.nn.Module, optimizer, scheduler) -> tuple[int, Path | None]:
-        """Load the newest complete checkpoint, if any: (step to continue from, its folder).
-
-        (0, None) means a fresh start. Every process reads the same folder (the main process decides).
-        """
+    def restore(self, states: Sequence[Any]) -> tuple[int, Path | None]:
+        """Load the newest complete checkpoint into ``states``, if any: (position to continue from, its
+        folder). (0, None) means a fresh start. Every process reads the same folder (the main process
+        decides)."""
         steps = self.backend.broadcast_object(self.steps())
         if not steps:
             return 0, None
         d = self.root / f"step-{steps[-1]}"
         meta = torch.load(d / META, map_location="cpu", weights_only=False)
-        self.backend.load_train_state(d, model, optimizer)
-        scheduler.load_state_dict(meta["scheduler"])
+        for state in states:
+            self.backend.load_train_state(d / state.name, state.model, state.optimizer)
+            state.scheduler.load_state_dict(meta["states"][state.name]["scheduler"])
+            state.step = int(meta["states"][state.name]["step"])
         set_rng_state(torch.load(d / RNG, weights_only=False)["rng"][self.backend.rank])
         return int(meta["step"]), d

@@ -59,6 +59,27 @@ def schedule_indices(n: int, global_batch: int, epoch: int, seed: int) -> list[l
     return [order[i * global_batch : (i + 1) * global_batch] for i in range(steps)]
 
 
+@dataclass
+class TrainState:
+    """One trained model's handle: its backend-wrapped model, optimizer and scheduler.
+
+    The backend keeps nothing per model, so a stage may train several (PPO's policy and critic), each
+    with its own state; ``name`` is its folder inside a step checkpoint.
+    """
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total_steps: int
+    # facts the backend found while wrapping (wrapper class, ZeRO partition sizes, DTensor placements)
+    evidence: dict[str, Any] = field(default_factory=dict)
+    # optimizer steps applied so far
+    step: int = 0
+    # consecutive non-finite losses (the NaN guard)
+    nonfinite: int = 0
+
+
 class Engine:
     def __init__(
         self,
@@ -77,6 +98,9 @@ class Engine:
         self.tracker = tracker
         self.desc = desc
         self.ckpt = CheckpointManager(self.out_dir / "ckpt", keep_last=train.keep_last, backend=backend)
+        # name -> evidence of every model this engine prepared, for run.json
+        self.evidence: dict[str, dict[str, Any]] = {}
+        self._tokens = 0
 
     # ----------------------------------------------------------------------------------- schedule
     def _plan(self, n: int) -> tuple[int, int]:
@@ -94,6 +118,117 @@ class Engine:
         micro = [idx[i : i + t.micro_batch_size] for i in range(0, len(idx), t.micro_batch_size)]
         return micro[self.backend.rank * t.grad_accum : (self.backend.rank + 1) * t.grad_accum]
 
+    # ------------------------------------------------------------------------------------- setup
+    def setup(
+        self,
+        model: nn.Module,
+        *,
+        total_steps: int,
+        params: list[nn.Parameter] | None = None,
+        name: str = "policy",
+        train: Any = None,
+    ) -> TrainState:
+        """Wrap ``model`` for the backend, build its optimizer (``train.optimizer``, a ``_target_``)
+        and learning-rate schedule. ``train`` defaults to the engine's; a second model may bring its own
+        (e.g. a critic's learning rate). Restoring from a checkpoint is ``restore``'s job."""
+        from hydra.utils import instantiate
+        from transformers import get_scheduler
+
+        t = train if train is not None else self.train
+        params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+        optimizer_factory = instantiate(t.optimizer)
+
+        def make_optimizer(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+            return optimizer_factory(ps, lr=t.lr, weight_decay=t.weight_decay)
+
+        # the backend builds the optimizer: sharding backends replace parameters before it may exist
+        wrapped, optimizer, evidence = self.backend.prepare(model, params, make_optimizer, t)
+        scheduler = get_scheduler(
+            str(t.scheduler),
+            optimizer,
+            num_warmup_steps=int(round(t.warmup_ratio * total_steps)),
+            num_training_steps=total_steps,
+        )
+        self.evidence[name] = evidence
+        return TrainState(name, wrapped, optimizer, scheduler, total_steps, evidence)
+
+    def restore(self, states: Sequence[TrainState]) -> tuple[int, Path | None]:
+        """Load the newest step checkpoint into ``states``: (position to continue from, its folder)."""
+        position, ckpt_dir = self.ckpt.restore(states)
+        if ckpt_dir is not None:
+            # metrics logged after the checkpoint by the interrupted run are dropped
+            self.tracker.restore_history(ckpt_dir)
+        return position, ckpt_dir
+
+    # -------------------------------------------------------------------------------- train_step
+    def train_step(self, state: TrainState, step: StepFn, batches: Sequence[Batch]) -> dict[str, float] | None:
+        """One optimizer step of ``state`` over this process's micro-batches (collated, on any device).
+
+        Each micro-batch's loss is the mean over its ``num_items``; it is rescaled by ``num_items /
+        global items of the step`` so any micro-batch x accumulation x process split gives the same
+        gradient. Returns the step's metrics, or None when the step was skipped (a non-finite loss, or no
+        items anywhere); raises NonFiniteLossError after ``train.max_nonfinite`` consecutive skips.
+        """
+        t, backend = self.train, self.backend
+        state.model.train()
+        local_items = sum(float(b["num_items"]) for b in batches)
+        global_items = float(backend.all_reduce_sum(torch.tensor(local_items)).item())
+        sums: dict[str, float] = {}
+        loss_total = torch.zeros((), device=backend.device)
+        for j, batch in enumerate(batches):
+            batch = _to_device(batch, backend.device)
+            self._tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            with backend.no_sync(state.model, sync=j == len(batches) - 1), backend.autocast():
+                out = step(state.model, batch)
+                # mean over this micro-batch -> share of the step's global mean; DDP averages
+                # gradients over processes, hence the world-size factor.
+                scale = float(batch["num_items"]) / max(global_items, 1.0)
+                backend.backward(state.model, out.loss * scale * backend.world_size)
+            loss_total += out.loss.detach() * scale
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / len(batches)
+        step_loss = float(backend.all_reduce_sum(loss_total).item())
+        if global_items == 0 or not math.isfinite(step_loss):
+            backend.discard_gradients(state.model, state.optimizer)
+            if global_items == 0:  # e.g. every group filtered out: nothing to learn from, not an error
+                return None
+            state.nonfinite += 1
+            # skipped steps still use up their batches: number them as positions in the schedule
+            at = state.step + state.nonfinite
+            self.tracker.log_text(f"{self.desc}: {state.name} step {at}: non-finite loss, step skipped")
+            if state.nonfinite > t.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.desc}: {state.nonfinite} consecutive non-finite losses at step {at}; "
+                    "lower train.lr or check the data"
+                )
+            return None
+        state.nonfinite = 0
+        grad_norm = backend.optimizer_step(state.model, state.optimizer, t.max_grad_norm)
+        state.scheduler.step()
+        state.step += 1
+        return {"loss": step_loss, "lr": state.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), **sums}
+
+    @staticmethod
+    def clock() -> float:
+        return time.perf_counter()
+
+    def throughput(self, row: dict[str, float], since: float) -> float:
+        """Adds ``tokens_per_s`` (tokens trained on since the mark ``since``) to ``row``; returns the
+        new mark."""
+        now = time.perf_counter()
+        row["tokens_per_s"] = self._tokens * self.backend.world_size / max(now - since, 1e-9)
+        self._tokens = 0
+        return now
+
+    def progress(self, total: int, initial: int) -> tqdm:
+        return tqdm(
+            total=total,
+            initial=initial,
+            desc=self.desc,
+            disable=not (self.train.progress and self.backend.is_main),
+            dynamic_ncols=True,
+        )
+
     # ---------------------------------------------------------------------------------------- fit
     def fit(
         self,
@@ -106,98 +241,41 @@ class Engine:
         eval_step: StepFn | None = None,
         params: list[nn.Parameter] | None = None,
     ) -> FitResult:
-        """Train ``model`` with ``step`` over ``train_data``; returns the final metrics.
+        """Offline training: ``step`` over ``train_data`` for the configured epochs / steps.
 
         ``step(model, batch)`` gets the backend-wrapped model (DDP hooks run only when the wrapper is
         called) and a batch already on the device.
         """
-        from transformers import get_scheduler
-
         t = self.train
         if not train_data:
             raise ValueError(f"{self.desc}: the train split is empty; nothing to train on")
         steps_per_epoch, total = self._plan(len(train_data))
-        params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-
-        def make_optimizer(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(
-                ps, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay
-            )
-
-        # the backend builds the optimizer: sharding backends replace parameters before it may exist
-        self.model, optimizer = self.backend.prepare(model, params, make_optimizer, t)
-        scheduler = get_scheduler(
-            str(t.scheduler),
-            optimizer,
-            num_warmup_steps=int(round(t.warmup_ratio * total)),
-            num_training_steps=total,
-        )
-        start, ckpt_dir = self.ckpt.restore(self.model, optimizer, scheduler)
+        state = self.setup(model, total_steps=total, params=params)
+        self.model = state.model
+        start, ckpt_dir = self.restore([state])
+        state.step = start
         result = FitResult(steps=total, resumed_from=start)
         if ckpt_dir is not None:
-            # metrics logged after the checkpoint by the interrupted run are dropped
-            self.tracker.restore_history(ckpt_dir)
             self.tracker.log_text(f"{self.desc}: resumed from step {start}/{total} ({ckpt_dir})")
 
-        bar = tqdm(
-            total=total,
-            initial=start,
-            desc=self.desc,
-            disable=not (t.progress and self.backend.is_main),
-            dynamic_ncols=True,
-        )
-        nonfinite = 0
-        t_last, tokens_since = time.perf_counter(), 0
+        bar = self.progress(total, start)
+        mark = self.clock()
         for s in range(start, total):
-            self.model.train()
             batches = [collate([train_data[i] for i in mb]) for mb in self._step_batches(len(train_data), s, steps_per_epoch)]
-            local_items = sum(float(b["num_items"]) for b in batches)
-            global_items = float(self.backend.all_reduce_sum(torch.tensor(local_items)).item())
-            sums: dict[str, float] = {}
-            loss_total = torch.zeros((), device=self.backend.device)
-            for j, batch in enumerate(batches):
-                batch = _to_device(batch, self.backend.device)
-                tokens_since += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-                with self.backend.no_sync(self.model, sync=j == len(batches) - 1), self.backend.autocast():
-                    out = step(self.model, batch)
-                    # mean over this micro-batch -> share of the step's global mean; DDP averages
-                    # gradients over processes, hence the world-size factor.
-                    scale = float(batch["num_items"]) / max(global_items, 1.0)
-                    loss = out.loss * scale * self.backend.world_size
-                    self.backend.backward(loss)
-                loss_total += out.loss.detach() * scale
-                for k, v in out.metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / len(batches)
-            step_loss = float(self.backend.all_reduce_sum(loss_total).item())
-            if not math.isfinite(step_loss):
-                nonfinite += 1
-                self.backend.discard_gradients(self.model, optimizer)
-                self.tracker.log_text(f"{self.desc}: step {s + 1}: non-finite loss, step skipped")
-                if nonfinite > t.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{self.desc}: {nonfinite} consecutive non-finite losses at step {s + 1}; "
-                        "lower train.lr or check the data"
-                    )
+            row = self.train_step(state, step, batches)
+            if row is None:
                 continue
-            nonfinite = 0
-            grad_norm = self.backend.optimizer_step(self.model, optimizer, t.max_grad_norm)
-            scheduler.step()
             bar.update(1)
-
             done = s + 1
             if done % t.log_every == 0 or done == total:
-                now = time.perf_counter()
-                row = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
-                row["tokens_per_s"] = tokens_since * self.backend.world_size / max(now - t_last, 1e-9)
-                row.update(sums)
-                t_last, tokens_since = now, 0
+                mark = self.throughput(row, mark)
                 self.tracker.log(row, step=done)
                 result.metrics.update(row)
-                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if eval_data and eval_step and t.eval_every > 0 and done % t.eval_every == 0 and done < total:
                 self.tracker.log(self.evaluate(eval_step, eval_data, collate), step=done)
             if t.save_every > 0 and done % t.save_every == 0 and done < total:
-                self.ckpt.save(done, self.model, optimizer, scheduler, history=self.tracker.path)
+                self.ckpt.save(done, [state], history=self.tracker.path)
         bar.close()
         if eval_data and eval_step:
             final = self.evaluate(eval_step, eval_data, collate)
@@ -206,16 +284,19 @@ class Engine:
         return result
 
     @torch.no_grad()
-    def evaluate(self, eval_step: StepFn, data: Sequence[dict], collate: Callable) -> dict[str, float]:
+    def evaluate(
+        self, eval_step: StepFn, data: Sequence[dict], collate: Callable, model: nn.Module | None = None
+    ) -> dict[str, float]:
         """Item-weighted mean of ``eval_step``'s loss and metrics over ``data`` (this process's share)."""
-        self.model.eval()
+        model = model if model is not None else self.model
+        model.eval()
         mb = self.train.micro_batch_size
         shard = list(range(self.backend.rank, len(data), self.backend.world_size))
         totals: dict[str, float] = {}
         items = 0.0
         for i in range(0, len(shard), mb):
             batch = _to_device(collate([data[j] for j in shard[i : i + mb]]), self.backend.device)
-            out = eval_step(self.model, batch)
+            out = eval_step(model, batch)
             w = float(batch["num_items"])
             items += w
             for k, v in {"loss": out.loss, **out.metrics}.items():

@@ -12,6 +12,7 @@ al. 2024) also learns a per-output-row magnitude of W'.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import shutil
@@ -54,6 +55,17 @@ def apply_lora(model: nn.Module, lora: Any) -> nn.Module:
     from peft import get_peft_model
 
     return get_peft_model(model, peft_lora_config(lora))
+
+
+def reference_mode(model: nn.Module) -> contextlib.AbstractContextManager:
+    """The context in which ``model`` computes as DPO's reference.
+
+    Under LoRA the reference is the policy's base with its adapters switched off (PEFT's
+    ``disable_adapter()``), so one copy of the weights serves both roles. A plain model is its own
+    reference: it was loaded from the same input model the policy starts from.
+    """
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if callable(disable) else contextlib.nullcontext()
 
 
 def is_peft_model(model: nn.Module) -> bool:

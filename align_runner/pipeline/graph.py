@@ -4,8 +4,10 @@
 every stage; each training stage starts from the previous training stage's model (the first from
 ``model.source``). The main stage (``algorithm.kind``) reads ``algorithm``; an upstream training stage
 reads ``upstream.<kind>``. With ``pipeline.eval``, eval runs on the main stage's input and output
-(when that output is a policy, not a scorer). A stage that reads reference log-probs (DPO) gets a
-``ref_logps`` stage right before it, on the same input model, reading its ``reference`` config node.
+(when that output is a policy, not a scorer). Other inputs are bound by the role a kind declares
+(``registry.Input``): a derived input (DPO's reference log-probs) gets its provider inserted right before
+the stage, on the same input model; any other is the latest earlier stage of the declared kind (a GRPO
+stage's ``reward_model`` is the pipeline's ``reward`` stage).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from align_runner.config import stage_train
-from align_runner.registry import get_stage
+from align_runner.registry import Input, get_stage
 from align_runner.stages.context import StageSpec
 
 
@@ -24,13 +26,8 @@ class PipelineConfigError(ValueError):
     """The pipeline graph cannot be built from this config."""
 
 
-# Kinds that read precomputed reference log-probs from a ref_logps stage (named by their config's
-# ``reference.stage``) instead of running a reference model: a sweep over their loss reuses it.
-READS_REFERENCE = frozenset({"dpo"})
-
-
 def build_graph(cfg: DictConfig) -> list[StageSpec]:
-    specs = _explicit(cfg.pipeline.stages) if cfg.pipeline.stages else _auto(cfg)
+    specs = _explicit(cfg.pipeline.stages, cfg) if cfg.pipeline.stages else _auto(cfg)
     _check(specs, cfg)
     data_views(cfg, specs)
     return specs
@@ -46,27 +43,44 @@ def _auto(cfg: DictConfig) -> list[StageSpec]:
         if kind == "data_prep":
             specs.append(StageSpec("data_prep", "data_prep", config="data"))
             continue
-        trains = get_stage(kind).trains  # an unknown kind fails here, listing the known ones
+        stage = get_stage(kind)  # an unknown kind fails here, listing the known ones
         config = "algorithm" if kind == main else f"upstream.{kind}"
         if OmegaConf.select(cfg, config) is None:
             raise PipelineConfigError(f"stage {kind!r} runs before {main!r} but the config has no {config!r} node")
         # eval generates with the stage's output, so a scorer (reward model) gets none
-        evaluate = kind == main and cfg.pipeline.eval and get_stage(kind).policy
+        evaluate = kind == main and cfg.pipeline.eval and stage.policy
         if evaluate:
             specs.append(StageSpec("eval_before", "eval", config="eval", model_from=model_from))
-        if kind in READS_REFERENCE:
-            ref = f"{config}.reference"
-            specs.append(StageSpec(str(OmegaConf.select(cfg, f"{ref}.stage")), "ref_logps", config=ref, model_from=model_from))
-        specs.append(StageSpec(kind, kind, config=config, model_from=model_from))
-        if trains and get_stage(kind).policy:
+        inputs: dict[str, str] = {}
+        for role, inp in stage.inputs.items():
+            if inp.derived is not None:
+                node = f"{config}.{inp.derived}"
+                name = str(OmegaConf.select(cfg, f"{node}.stage"))
+                specs.append(StageSpec(name, inp.kind, config=node, model_from=model_from))
+                inputs[role] = name
+                continue
+            provider = next((s.name for s in reversed(specs) if s.kind == inp.kind), None)
+            if provider is not None:
+                inputs[role] = provider
+        specs.append(StageSpec(kind, kind, config=config, model_from=model_from, inputs=tuple(sorted(inputs.items()))))
+        if stage.trains and stage.policy:
             model_from = kind
         if evaluate:
             specs.append(StageSpec("eval_after", "eval", config="eval", model_from=model_from))
     return specs
 
 
-def _explicit(stages: Any) -> list[StageSpec]:
-    return [StageSpec(s.name, s.kind, config=s.config, model_from=s.model_from) for s in stages]
+def _explicit(stages: Any, cfg: DictConfig) -> list[StageSpec]:
+    specs = []
+    for s in stages:
+        inputs = dict(s.inputs or {})
+        for role, inp in get_stage(s.kind).inputs.items():
+            if inp.derived is not None and role not in inputs:  # named in the stage's config, as in auto
+                name = OmegaConf.select(cfg, f"{s.config}.{inp.derived}.stage")
+                if name is not None:
+                    inputs[role] = str(name)
+        specs.append(StageSpec(s.name, s.kind, config=s.config, model_from=s.model_from, inputs=tuple(sorted(inputs.items()))))
+    return specs
 
 
 def _check(specs: list[StageSpec], cfg: DictConfig) -> None:
@@ -76,30 +90,44 @@ def _check(specs: list[StageSpec], cfg: DictConfig) -> None:
         raise PipelineConfigError(f"stage names must be unique; repeated: {sorted(dupes)}")
     if not specs or specs[0].kind != "data_prep":
         raise PipelineConfigError(f"the first stage must be data_prep; got {names}")
-    seen: set[str] = set()
+    earlier: dict[str, StageSpec] = {}
     for s in specs:
-        get_stage(s.kind)  # an unknown kind fails here, listing the known ones
+        kind = get_stage(s.kind)  # an unknown kind fails here, listing the known ones
         if s.model_from is not None:
-            if s.model_from not in seen:
+            if s.model_from not in earlier:
                 raise PipelineConfigError(f"stage {s.name!r}: model_from {s.model_from!r} is not an earlier stage of {names}")
-            if not get_stage(next(x.kind for x in specs if x.name == s.model_from)).trains:
+            if not get_stage(earlier[s.model_from].kind).trains:
                 raise PipelineConfigError(f"stage {s.name!r}: model_from {s.model_from!r} produces no model")
         if OmegaConf.select(cfg, s.config) is None:
             raise PipelineConfigError(f"stage {s.name!r}: config node {s.config!r} does not exist")
-        if s.kind in READS_REFERENCE:
-            _check_reference(s, [x for x in specs if x.name in seen], cfg)
-        seen.add(s.name)
+        _check_inputs(s, kind.inputs, earlier)
+        earlier[s.name] = s
 
 
-def _check_reference(spec: StageSpec, earlier: list[StageSpec], cfg: DictConfig) -> None:
-    """The ref_logps stage ``spec`` reads runs before it, on the same input model."""
-    name = OmegaConf.select(cfg, f"{spec.config}.reference.stage")
-    ref = next((x for x in earlier if x.name == name), None)
-    if ref is None or ref.kind != "ref_logps" or ref.model_from != spec.model_from:
+def _check_inputs(spec: StageSpec, declared: Mapping[str, Input], earlier: dict[str, StageSpec]) -> None:
+    """Every bound input is declared and provided by an earlier stage of the declared kind; every
+    required one is bound; a derived one runs on the same input model as ``spec``."""
+    bound = dict(spec.inputs)
+    for role in bound.keys() - declared.keys():
         raise PipelineConfigError(
-            f"stage {spec.name!r} reads reference log-probs from stage {name!r} ({spec.config}.reference.stage), "
-            f"which must be an earlier stage of kind 'ref_logps' with model_from {spec.model_from!r}"
+            f"stage {spec.name!r} ({spec.kind}) has no input {role!r}; it reads: {sorted(declared) or 'none'}"
         )
+    for role, inp in declared.items():
+        name = bound.get(role)
+        if name is None:
+            if inp.required:
+                raise PipelineConfigError(
+                    f"stage {spec.name!r} ({spec.kind}) needs a {role!r} input from an earlier stage of kind {inp.kind!r}"
+                )
+            continue
+        provider = earlier.get(name)
+        if provider is None or provider.kind != inp.kind or (inp.derived and provider.model_from != spec.model_from):
+            same_model = f" with model_from {spec.model_from!r}" if inp.derived else ""
+            where = f" ({spec.config}.{inp.derived}.stage)" if inp.derived else ""
+            raise PipelineConfigError(
+                f"stage {spec.name!r} reads {inp.what or f'its {role!r} input'} from stage {name!r}{where}, which "
+                f"must be an earlier stage of kind {inp.kind!r}{same_model}"
+            )
 
 
 DATA_VIEWS = ("sft", "preference", "prompt")

@@ -88,11 +88,7 @@ def plan(cfg: DictConfig, store: StageStore) -> list[PlannedStage]:
     keys: dict[str, str] = {}
     planned: list[PlannedStage] = []
     for spec in specs:
-        upstream = {}
-        if spec.kind != "data_prep":
-            upstream["data"] = keys["data_prep"]
-        if spec.model_from is not None:
-            upstream["model"] = keys[spec.model_from]
+        upstream = {role: keys[name] for role, name in input_stages(spec).items()}
         config = stage_config(cfg, spec, views)
         key = stage_key(
             kind=spec.kind,
@@ -107,6 +103,14 @@ def plan(cfg: DictConfig, store: StageStore) -> list[PlannedStage]:
     return planned
 
 
+def input_stages(spec: StageSpec) -> dict[str, str]:
+    """role -> name of every stage ``spec`` reads: its data, its starting model, its declared inputs."""
+    roles = {} if spec.kind == "data_prep" else {"data": "data_prep"}
+    if spec.model_from is not None:
+        roles["model"] = spec.model_from
+    return {**roles, **dict(spec.inputs)}
+
+
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
     run_dir = Path(run_dir)
     store = StageStore(cfg.paths.store)
@@ -116,6 +120,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
     base_model: str | None = None
     dirs: dict[str, Path] = {}
     records: list[StageRecord] = []
+    sharding: dict[str, Any] = {}
     if backend.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -131,14 +136,16 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
         else:
             if base_model is None:
                 base_model = _resolve_base_model(cfg, backend)
-            metrics, hit = _compute(cfg, p, store, backend, dirs, base_model, run_dir)
+            metrics, hit, evidence = _compute(cfg, p, store, backend, dirs, base_model, run_dir)
+            # run.json shows what the backend did to the last trained model (its policy's wrapping)
+            sharding = next(iter(evidence.values()), sharding)
         dirs[p.spec.name] = stage_dir
         records.append(StageRecord(p.spec.name, p.spec.kind, p.key, str(stage_dir), hit, time.perf_counter() - t0, metrics))
         if backend.is_main:
             _link(run_dir / "stages" / p.spec.name, stage_dir)
     objective = _objective(cfg, records)
     if backend.is_main:
-        atomic_write_json(run_dir / "run.json", redact(_run_manifest(cfg, records, objective, backend)))
+        atomic_write_json(run_dir / "run.json", redact(_run_manifest(cfg, records, objective, backend, sharding)))
         try:
             from align_runner.report import write_report  # the report sits above the pipeline layer
 
@@ -148,8 +155,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
     return RunResult(run_dir, records, objective)
 
 
-def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model, run_dir) -> tuple[dict[str, float], bool]:
-    """Compute one stage under the store lock; returns its metrics and whether another job made them."""
+def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model, run_dir):
+    """Compute one stage under the store lock: (its metrics, whether another job made them, the backend
+    evidence of each model it trained)."""
     lock = store.lock(p.spec.kind, p.key) if backend.is_main else None
     if lock is not None:
         lock.acquire()
@@ -157,7 +165,7 @@ def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model,
         # a parallel sweep job may have finished it while we waited for the lock
         if store.is_done(p.spec.kind, p.key) and not p.forced:
             log.info("stage %-12s %s  computed by another job meanwhile; reusing", p.spec.name, p.key[:12])
-            return store.manifest(p.spec.kind, p.key)["metrics"], True
+            return store.manifest(p.spec.kind, p.key)["metrics"], True, {}
         log.info("stage %-12s %s  computing", p.spec.name, p.key[:12])
         out_dir = store.begin(p.spec.kind, p.key, force=p.forced) if backend.is_main else store.stage_dir(p.spec.kind, p.key)
         backend.barrier()
@@ -168,7 +176,7 @@ def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model,
             key=p.key,
             out_dir=out_dir,
             backend=backend,
-            inputs=dict(dirs),
+            inputs={role: dirs[name] for role, name in input_stages(p.spec).items()},
             base_model=base_model,
             run_name=run_dir.name,
             params=params,
@@ -177,6 +185,7 @@ def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model,
         # same seed on every rank: random inits (adapters, heads) must agree before sharding/DDP
         seed_everything(int(cfg.seed))
         metrics = {k: float(v) for k, v in (get_stage(p.spec.kind).fn(ctx) or {}).items()}
+        evidence = {name: e for engine in ctx.engines for name, e in engine.evidence.items()}
         ctx.tracker.close()
         backend.barrier()
         if backend.is_main:
@@ -190,13 +199,14 @@ def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model,
                     "upstream": p.upstream,
                     "config": redact(p.config),
                     "metrics": metrics,
+                    "sharding": evidence,
                     "seconds": time.perf_counter() - t0,
                     "align_runner": align_runner.__version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 },
             )
         backend.barrier()
-        return metrics, False
+        return metrics, False, evidence
     finally:
         if lock is not None:
             lock.release()
@@ -241,7 +251,9 @@ def _git_sha() -> str | None:
         return None
 
 
-def _run_manifest(cfg: DictConfig, records: list[StageRecord], objective: float | None, backend) -> dict[str, Any]:
+def _run_manifest(
+    cfg: DictConfig, records: list[StageRecord], objective: float | None, backend, sharding: dict[str, Any]
+) -> dict[str, Any]:
     import transformers
 
     return {
@@ -254,7 +266,7 @@ def _run_manifest(cfg: DictConfig, records: list[StageRecord], objective: float 
             "python": platform.python_version(),
         },
         "git_sha": _git_sha(),
-        "hardware": {**OmegaConf.to_container(cfg.hardware, resolve=True), **backend.describe()},
+        "hardware": {**OmegaConf.to_container(cfg.hardware, resolve=True), **backend.describe(), "sharding": sharding},
         "host": platform.node(),
         "pid": os.getpid(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -7,16 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from align_runner.pipeline.runner import RunResult
-
-# metrics worth a column, per stage kind, in this order (absent ones are skipped)
-KEY_METRICS = {
-    "data_prep": ("sft/train/kept", "preference/train/kept", "prompt/eval/kept"),
-    "sft": ("loss", "eval/loss", "mean_token_accuracy"),
-    "reward": ("loss", "eval/accuracy", "accuracy"),
-    "ref_logps": ("train/pairs", "train/logps/chosen", "train/logps/rejected"),
-    "dpo": ("loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies"),
-    "eval": ("accuracy", "format", "heldout_loss"),
-}
+from align_runner.registry import get_stage
 
 
 def _fmt(v: float) -> str:
@@ -28,7 +19,7 @@ def summary_table(result: RunResult) -> Table:
     for col in ("stage", "key", "cache", "time", "metrics"):
         table.add_column(col)
     for r in result.stages:
-        keys = KEY_METRICS.get(r.kind, tuple(sorted(r.metrics))[:4])
+        keys = get_stage(r.kind).key_metrics or tuple(sorted(r.metrics))[:4]
         shown = ", ".join(f"{k}={_fmt(r.metrics[k])}" for k in keys if k in r.metrics)
         table.add_row(r.name, r.key[:12], "hit" if r.cache_hit else "computed", f"{r.seconds:.1f}s", shown)
     return table

@@ -33,6 +33,8 @@ class StageSpec:
     config: str
     # upstream stage whose model this stage starts from; None = the configured base model
     model_from: str | None = None
+    # (role, stage name) of every other input the kind declares (registry.Input), sorted by role
+    inputs: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -42,13 +44,16 @@ class StageContext:
     key: str
     out_dir: Path
     backend: Backend
-    # name -> output dir of every finished upstream stage this stage reads
+    # role -> output dir of each input: "data" (data_prep), "model" (the stage model_from names, if
+    # any) and the roles its kind declares. The stage's key covers exactly these; it sees nothing else.
     inputs: dict[str, Path] = field(default_factory=dict)
     # resolved path / hub id of the base model (model.source)
     base_model: str = ""
     run_name: str = "run"
     # settings the pipeline derives for this stage (part of its key), e.g. data_prep's views
     params: dict[str, Any] = field(default_factory=dict)
+    # engines this stage made (their backend evidence goes to the manifest and run.json)
+    engines: list[Engine] = field(default_factory=list)
 
     # ------------------------------------------------------------------------------------- config
     @property
@@ -70,7 +75,17 @@ class StageContext:
         """The model this stage starts from: an upstream stage's ``model/`` or the base model."""
         if self.spec.model_from is None:
             return self.base_model
-        return str(self.inputs[self.spec.model_from] / "model")
+        return str(self.input_dir("model") / "model")
+
+    def input_dir(self, role: str) -> Path:
+        """The output dir of the stage bound to ``role`` ("data", "model" or a declared input role)."""
+        try:
+            return self.inputs[role]
+        except KeyError:
+            raise KeyError(f"stage {self.spec.name!r} has no {role!r} input; it has: {sorted(self.inputs)}") from None
+
+    def has_input(self, role: str) -> bool:
+        return role in self.inputs
 
     @property
     def dtype(self):
@@ -100,6 +115,14 @@ class StageContext:
         # a quantized base is already placed on its GPU by from_pretrained
         return model if m.quantization else model.to(self.backend.device)
 
+    def load_frozen_policy(self):
+        """The input model as a frozen reference (eval mode, no gradients, no adapters), on the device."""
+        from align_runner.models.loading import load_causal_lm
+
+        model = load_causal_lm(self.input_model_path(), dtype=self.dtype)
+        model.requires_grad_(False).eval()
+        return model.to(self.backend.device)
+
     def save_model(self, model, tokenizer) -> Path:
         """Save the final model in Hugging Face layout under ``<stage>/model`` (main process writes).
 
@@ -124,7 +147,7 @@ class StageContext:
         """Rows prepared by data_prep for ``view`` ("sft", "preference", "prompt") and split."""
         from align_runner.stages.data_prep import load_prepared
 
-        return load_prepared(self.inputs["data_prep"], view, split)
+        return load_prepared(self.input_dir("data"), view, split)
 
     def splits(self, view: str) -> tuple[list[dict], list[dict] | None]:
         """(train rows, held-out rows or None when the data config has no eval split) of ``view``."""
@@ -133,7 +156,7 @@ class StageContext:
     def has_dataset(self, view: str, split: str = "train") -> bool:
         from align_runner.stages.data_prep import prepared_path
 
-        return prepared_path(self.inputs["data_prep"], view, split).exists()
+        return prepared_path(self.input_dir("data"), view, split).exists()
 
     # -------------------------------------------------------------------------------------- engine
     @cached_property
@@ -153,7 +176,9 @@ class StageContext:
         )
 
     def engine(self) -> Engine:
-        return Engine(
+        """A training engine for this stage (its checkpoints, its tracker); what it prepares is
+        reported in run.json."""
+        engine = Engine(
             self.train,
             self.backend,
             out_dir=self.out_dir,
@@ -161,6 +186,8 @@ class StageContext:
             tracker=self.tracker,
             desc=self.spec.name,
         )
+        self.engines.append(engine)
+        return engine
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.is_main:

@@ -40,7 +40,7 @@ def load_prepared(stage_dir: Path, view: str, split: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-@register_stage("data_prep", trains=False)
+@register_stage("data_prep", trains=False, key_metrics=("sft/train/kept", "preference/train/kept", "prompt/eval/kept"))
 def run_data_prep(ctx: StageContext) -> dict[str, float]:
     data = ctx.cfg.data
     tokenizer = ctx.tokenizer()

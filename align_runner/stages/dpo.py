@@ -17,7 +17,7 @@ from torch import Tensor
 
 from align_runner.algos.types import LossOutput, PreferenceLogps
 from align_runner.data.collate import collate_preference
-from align_runner.registry import register_stage
+from align_runner.registry import Input, register_stage
 from align_runner.stages.context import StageContext
 from align_runner.stages.ref_logps import attach_reference, preference_forward
 
@@ -48,12 +48,18 @@ def dpo_step(model, batch: dict, *, loss_fn) -> LossOutput:
     return loss_fn(batch_logps(logps, tokens, batch))
 
 
-@register_stage("dpo", trains=True, views=("preference",))
+@register_stage(
+    "dpo",
+    trains=True,
+    views=("preference",),
+    inputs={"reference": Input("ref_logps", derived="reference", what="reference log-probs")},
+    key_metrics=("loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies"),
+)
 def run_dpo(ctx: StageContext) -> dict[str, float]:
     tokenizer = ctx.tokenizer()
     policy = ctx.load_policy()
     step = partial(dpo_step, loss_fn=instantiate(ctx.section.loss))
-    ref_dir = ctx.inputs[str(ctx.section.reference.stage)]
+    ref_dir = ctx.input_dir("reference")
     train_rows, eval_rows = ctx.splits("preference")
     train_rows = attach_reference(train_rows, ref_dir, "train")
     eval_rows = attach_reference(eval_rows, ref_dir, "eval") if eval_rows is not None else None

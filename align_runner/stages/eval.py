@@ -12,6 +12,7 @@ from functools import partial
 import torch
 from hydra.utils import instantiate
 
+from align_runner.algos.rewards import call_reward, mean_score
 from align_runner.algos.sft import sft_loss
 from align_runner.data.collate import collate_sft
 from align_runner.engine.rollout import generate
@@ -19,7 +20,7 @@ from align_runner.registry import register_stage
 from align_runner.stages.context import StageContext
 
 
-@register_stage("eval", trains=False, views=("prompt", "sft"))
+@register_stage("eval", trains=False, views=("prompt", "sft"), key_metrics=("accuracy", "format", "heldout_loss"))
 def run_eval(ctx: StageContext) -> dict[str, float]:
     ev = ctx.section
     tokenizer = ctx.tokenizer()
@@ -43,11 +44,15 @@ def run_eval(ctx: StageContext) -> dict[str, float]:
     columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt_ids", "prompt_text")} if rows else {}
 
     metrics: dict[str, float] = {"num_prompts": float(len(rows))}
-    scores: dict[str, list[float]] = {}
+    scores: dict[str, list[float | None]] = {}
+    # checkers are reward functions (TRL's keyword call); prompt_ids lets a reward-model scorer check too
+    checker_columns = {**columns, "prompt_ids": [r["prompt_ids"] for r in rows]}
     for name, checker_cfg in ev.checkers.items():
         checker = instantiate(checker_cfg)
-        scores[name] = list(checker(prompts, completions, **columns))
-        metrics[name] = sum(scores[name]) / max(len(scores[name]), 1)
+        scores[name] = call_reward(
+            checker, prompts=prompts, completions=completions, completion_ids=completion_ids, columns=checker_columns
+        )
+        metrics[name] = mean_score(scores[name])  # None: the checker does not apply to that row
     metrics["completion_tokens"] = sum(len(c) for c in completion_ids) / max(len(completion_ids), 1)
 
     if ev.heldout_loss and ctx.has_dataset("sft", "eval"):

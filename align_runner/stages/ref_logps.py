@@ -13,7 +13,6 @@ prepared row, in the rows' order: ``{"ref_chosen_logps": float, "ref_rejected_lo
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from align_runner.algos.logprobs import sequence_logps
 from align_runner.data.collate import collate_preference
 from align_runner.fsutil import atomic_write_text
+from align_runner.models.peft import reference_mode
 from align_runner.registry import register_stage
 from align_runner.stages.context import StageContext
 
@@ -46,17 +46,6 @@ def preference_forward(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
-
-
-def reference_mode(model: nn.Module) -> contextlib.AbstractContextManager:
-    """The context in which ``model`` computes as DPO's reference.
-
-    Under LoRA the reference is the policy's base with its adapters switched off (PEFT's
-    ``disable_adapter()``), so one copy of the weights serves both roles. A plain model is its own
-    reference: it was loaded from the same input model the policy starts from.
-    """
-    disable = getattr(model, "disable_adapter", None)
-    return disable() if callable(disable) else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -103,7 +92,9 @@ def attach_reference(rows: Sequence[dict], stage_dir: Path, split: str) -> list[
     return [{**row, **{k: ref[k] for k in REF_FIELDS}} for row, ref in zip(rows, refs)]
 
 
-@register_stage("ref_logps", trains=False, views=("preference",))
+@register_stage(
+    "ref_logps", trains=False, views=("preference",), key_metrics=("train/pairs", "train/logps/chosen", "train/logps/rejected")
+)
 def run_ref_logps(ctx: StageContext) -> dict[str, float]:
     tokenizer = ctx.tokenizer()
     model = ctx.backend.prepare_eval(ctx.load_policy())

@@ -57,7 +57,9 @@ def reward_step(model, batch: dict, *, loss_fn) -> LossOutput:
     return loss_fn(chosen, rejected, margin=None if margin is None else margin.to(scores.dtype))
 
 
-@register_stage("reward", trains=True, views=("preference",), policy=False)
+@register_stage(
+    "reward", trains=True, views=("preference",), policy=False, key_metrics=("loss", "eval/accuracy", "accuracy")
+)
 def run_reward(ctx: StageContext) -> dict[str, float]:
     tokenizer = ctx.tokenizer()
     # The score head is new and random: seed its initialisation so the stage key fixes the result.

@@ -11,7 +11,7 @@ from align_runner.registry import register_stage
 from align_runner.stages.context import StageContext
 
 
-@register_stage("sft", trains=True, views=("sft",))
+@register_stage("sft", trains=True, views=("sft",), key_metrics=("loss", "eval/loss", "mean_token_accuracy"))
 def run_sft(ctx: StageContext) -> dict[str, float]:
     tokenizer = ctx.tokenizer()
     policy = ctx.load_policy()

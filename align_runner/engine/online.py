@@ -1,0 +1,84 @@
+"""The online loop: rollout -> score -> experience -> updates, repeated (GRPO, and PPO next).
+
+``fit_online`` knows no algorithm. The stage hands it ``make_rollout(i)``, which samples with the
+current policy, scores, and returns this process's micro-batches for each optimizer step of rollout
+``i``, and the ``updates`` to apply to each step's batches (a policy, and later a critic, each a
+``TrainState`` with its own step function). Checkpoints fall on rollout boundaries: a rerun after a kill
+restores every model, optimizer, scheduler and RNG state and continues with the next rollout, whose
+prompts and sampling seeds are functions of (seed, rollout index), so the resumed run is the
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from align_runner.engine.loop import Batch, Engine, FitResult, StepFn, TrainState
+
+
+@dataclass
+class Rollout:
+    """What one rollout gives the updates."""
+
+    # this process's micro-batches for each optimizer step of the rollout
+    steps: list[list[Batch]]
+    # rollout-level metrics (rewards, completion lengths ...), already global
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Update:
+    """One trained model and the step function its loss comes from."""
+
+    state: TrainState
+    step: StepFn
+
+
+def fit_online(
+    engine: Engine,
+    *,
+    updates: Sequence[Update],
+    rollouts: int,
+    make_rollout: Callable[[int], Rollout],
+    epochs: int = 1,
+    on_rollout: Callable[[int, Rollout], Any] | None = None,
+) -> FitResult:
+    """Run ``rollouts`` rollouts; each is passed over ``epochs`` times (GRPO's mu), every optimizer step
+    updating each model of ``updates`` in turn. Logs one row per rollout (its metrics plus the mean of
+    the steps' metrics, the first model's unprefixed and the others' under ``<name>/``)."""
+    t = engine.train
+    states = [u.state for u in updates]
+    start, ckpt_dir = engine.restore(states)
+    result = FitResult(steps=rollouts, resumed_from=start)
+    if ckpt_dir is not None:
+        engine.tracker.log_text(f"{engine.desc}: resumed from rollout {start}/{rollouts} ({ckpt_dir})")
+    bar = engine.progress(rollouts, start)
+    mark = engine.clock()
+    for i in range(start, rollouts):
+        rollout = make_rollout(i)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for _ in range(epochs):
+            for batches in rollout.steps:
+                for n, u in enumerate(updates):
+                    row = engine.train_step(u.state, u.step, batches)
+                    for k, v in (row or {}).items():
+                        name = k if n == 0 else f"{u.state.name}/{k}"
+                        sums[name] = sums.get(name, 0.0) + v
+                        counts[name] = counts.get(name, 0) + 1
+        done = i + 1
+        row = {**rollout.metrics, **{k: v / counts[k] for k, v in sums.items()}}
+        mark = engine.throughput(row, mark)
+        if done % t.log_every == 0 or done == rollouts:
+            engine.tracker.log(row, step=done)
+        result.metrics.update(row)
+        if on_rollout is not None:
+            on_rollout(i, rollout)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row.get('reward', float('nan')):.3f}")
+        if t.save_every > 0 and done % t.save_every == 0 and done < rollouts:
+            engine.ckpt.save(done, states, history=engine.tracker.path)
+    bar.close()
+    return result

@@ -1,0 +1,303 @@
+"""grpo: Group Relative Policy Optimization (Shao et al. 2024) and its variants, online on the prompt view.
+
+Each rollout samples ``num_generations`` completions for each of ``prompts_per_rollout`` prompts, scores
+them with the reward functions (and the pipeline's reward model, when it has a ``reward`` stage),
+turns the rewards into advantages (``algorithm.advantage``: group-normalised, RLOO, REINFORCE++) and
+takes ``steps_per_rollout`` x ``num_iterations`` optimizer steps on the policy loss
+(``algorithm.loss``: clipped surrogate, clip-higher, GSPO's sequence ratio, optional KL to the frozen
+input model) aggregated by ``algorithm.aggregation`` (grpo, dr_grpo, dapo, bnpo).
+
+Prompt j of rollout i is drawn from (seed, i) and its g-th completion is sampled from a seed of (seed,
+i, j, g); the prompts of each optimizer step are dealt out to the processes in equal blocks with whole
+groups, so 2 processes train on what 1 process does, and a resumed run on what the uninterrupted run did.
+Metrics use TRL's names: reward, reward_std, rewards/<fn>/mean, frac_reward_zero_std,
+completions/{mean,min,max}_length, completions/clipped_ratio, kl, entropy, clip_ratio/*, policy_loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from functools import partial
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from align_runner.algos.grpo import PolicyBatch
+from align_runner.algos.logprobs import shifted_token_logps
+from align_runner.algos.policy import entropy_from_logits
+from align_runner.algos.rewards import reward_metrics, score_completions
+from align_runner.data.collate import collate_completions
+from align_runner.engine.loop import schedule_indices
+from align_runner.engine.online import Rollout, Update, fit_online
+from align_runner.engine.rollout import Generator, row_seed
+from align_runner.models.peft import is_peft_model, reference_mode
+from align_runner.registry import Input, register_stage
+from align_runner.stages.context import StageContext
+
+ROLLOUTS_FILE = "rollouts.jsonl"
+
+
+def grpo_step(model, batch: dict, *, loss_fn):
+    """The policy loss on one micro-batch of completions (mean over the aggregation's ``num_items``)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = shifted_token_logps(logits, batch["input_ids"])
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits[:, :-1])
+    return loss_fn(
+        PolicyBatch(
+            logps=logps,
+            mask=batch["completion_mask"],
+            advantages=batch["advantages"].to(logps.dtype),
+            weights=batch["weights"],
+            num_items=float(batch["num_items"]),
+            old_logps=batch.get("old_logps"),
+            ref_logps=batch.get("ref_logps"),
+            entropy=entropy,
+        )
+    )
+
+
+@torch.no_grad()
+def token_logps(model, batch: dict, backend) -> list[list[float]]:
+    """Per completion token log-probs of ``model`` on a collated batch, one list per row."""
+    batch = {k: v.to(backend.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with backend.autocast():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = shifted_token_logps(logits, batch["input_ids"]).float().cpu()
+    mask = batch["completion_mask"].cpu().bool()
+    return [row[m].tolist() for row, m in zip(logps, mask)]
+
+
+def rank_prompts(order: list[int], steps: int, rank: int, world: int) -> list[list[tuple[int, int]]]:
+    """This process's (position in the rollout, prompt index) pairs for each optimizer step.
+
+    Step k trains on the k-th block of the rollout's prompts; each process takes an equal sub-block,
+    so the prompts of a step are the same whatever the number of processes.
+    """
+    per_step = len(order) // steps
+    per_rank = per_step // world
+    out = []
+    for k in range(steps):
+        first = k * per_step + rank * per_rank
+        out.append([(j, order[j]) for j in range(first, first + per_rank)])
+    return out
+
+
+def _global(values: torch.Tensor, positions: list[int], size: int, backend) -> torch.Tensor:
+    """A rollout-wide (size, ...) tensor from each process's rows at their global ``positions``."""
+    full = torch.zeros((size, *values.shape[1:]), dtype=torch.float64)
+    full[positions] = values.double()
+    return backend.all_reduce_sum(full).cpu()
+
+
+def _rewards(ctx: StageContext) -> dict[str, Any]:
+    funcs = {name: instantiate(node) for name, node in ctx.section.rewards.items()}
+    if ctx.has_input("reward_model"):
+        from align_runner.models.scorer import RewardModelScorer
+
+        funcs["reward_model"] = RewardModelScorer(
+            ctx.input_dir("reward_model"), device=ctx.backend.device, dtype=ctx.dtype
+        )
+    if not funcs:
+        raise ValueError("algorithm.rewards is empty and the pipeline has no reward stage: nothing to score with")
+    return funcs
+
+
+@register_stage(
+    "grpo",
+    trains=True,
+    views=("prompt",),
+    inputs={"reward_model": Input("reward", required=False, what="its reward model")},
+    key_metrics=("reward", "reward_std", "completions/mean_length", "frac_reward_zero_std"),
+)
+def run_grpo(ctx: StageContext) -> dict[str, float]:
+    a, backend = ctx.section, ctx.backend
+    tokenizer = ctx.tokenizer()
+    prompts = ctx.dataset("prompt", "train")
+    engine = ctx.engine()
+    total = int(a.rollouts) * int(a.num_iterations) * int(a.steps_per_rollout)
+    state = engine.setup(ctx.load_policy(), total_steps=total)
+    loss_cfg = OmegaConf.to_container(a.loss, resolve=True)
+    beta = float(loss_cfg.get("beta", 0.0))
+    reference = None
+    if beta > 0 and not is_peft_model(backend.unwrap(state.model)):
+        # a frozen copy of the input model; under LoRA the adapter-disabled policy is the reference
+        reference = ctx.load_frozen_policy()
+    rollout = GRPORollout(ctx, state, tokenizer, prompts, _rewards(ctx), reference, with_ref=beta > 0)
+    result = fit_online(
+        engine,
+        updates=[Update(state, partial(grpo_step, loss_fn=instantiate(a.loss)))],
+        rollouts=int(a.rollouts),
+        make_rollout=rollout,
+        epochs=int(a.num_iterations),
+        on_rollout=rollout.write_samples,
+    )
+    ctx.save_model(state.model, tokenizer)
+    return result.metrics
+
+
+class GRPORollout:
+    """``make_rollout`` for ``fit_online``: sample, score, compute advantages, build the step batches."""
+
+    def __init__(self, ctx: StageContext, state, tokenizer, prompts: list[dict], rewards, reference, *, with_ref: bool):
+        a = ctx.section
+        self.ctx, self.a, self.state, self.backend = ctx, a, state, ctx.backend
+        self.prompts, self.rewards, self.reference, self.with_ref = prompts, rewards, reference, with_ref
+        self.tokenizer = tokenizer
+        self.G, self.P, self.S = int(a.num_generations), int(a.prompts_per_rollout), int(a.steps_per_rollout)
+        if not prompts:
+            raise ValueError("the prompt view's train split is empty; GRPO has nothing to sample from")
+        g = a.generation
+        self.generator = Generator(
+            eos_ids=_eos_ids(tokenizer, ctx.input_model_path()),
+            pad_id=tokenizer.pad_token_id,
+            max_new_tokens=int(g.max_new_tokens),
+            temperature=float(g.temperature),
+            top_p=float(g.top_p),
+            top_k=int(g.top_k),
+            min_p=float(g.min_p),
+            batch_size=int(g.batch_size),
+        )
+        self.advantage = instantiate(a.advantage)
+        self.aggregation = instantiate(a.aggregation)
+        # off-policy steps (a second pass, or later steps of a split rollout) need the sampling policy's log-probs
+        self.needs_old = int(a.num_iterations) > 1 or self.S > 1
+        self.samples: list[dict] = []
+
+    def __call__(self, i: int) -> Rollout:
+        a, backend, G = self.a, self.backend, self.G
+        seed = int(self.ctx.cfg.seed)
+        steps_per_epoch = max(1, math.ceil(len(self.prompts) / self.P))
+        epoch, pos = divmod(i, steps_per_epoch)
+        order = schedule_indices(len(self.prompts), self.P, epoch, seed)[pos]
+        blocks = rank_prompts(order, self.S, backend.rank, backend.world_size)
+        local = [(j, idx) for block in blocks for j, idx in block]
+        rows = [self.prompts[idx] for _, idx in local for _ in range(G)]
+        seeds = [row_seed(seed, i, j, g) for j, _ in local for g in range(G)]
+        positions = [j * G + g for j, _ in local for g in range(G)]
+        completions = self._generate([r["prompt_ids"] for r in rows], seeds)
+        ids = [c.ids for c in completions]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+        scores = self._score(rows, texts, ids)
+        size = self.P * G
+        stats = torch.stack(
+            [scores.total, *scores.per_function.values(), torch.tensor([float(c.truncated) for c in completions]),
+             torch.tensor([float(len(x)) for x in ids])], dim=1
+        )
+        full = _global(stats, positions, size, backend)
+        total = torch.nan_to_num(full[:, 0].float(), nan=0.0)  # a row no function applied to scores 0
+        per_fn = {name: full[:, 1 + k].float() for k, name in enumerate(scores.per_function)}
+        truncated, lengths = full[:, -2].bool(), full[:, -1]
+        advantages = self.advantage(total, G)
+        keep = torch.ones(size, dtype=torch.bool)
+        if a.filter_zero_std_groups:
+            from align_runner.algos.advantages import zero_std_groups
+
+            keep &= ~zero_std_groups(total, G)
+        if a.mask_truncated_completions:
+            keep &= ~truncated
+        kept_tokens = float(lengths[keep].sum())
+        context = {
+            "max_completion_length": int(a.generation.max_new_tokens),
+            "mean_completion_tokens": max(kept_tokens / max(int(keep.sum()), 1), 1.0),
+        }
+
+        examples = [
+            {"prompt_ids": r["prompt_ids"], "completion_ids": c, "advantages": float(advantages[p]), "keep": bool(keep[p])}
+            for r, c, p in zip(rows, ids, positions)
+        ]
+        per_step = len(examples) // self.S
+        steps = [self._batches(examples[k * per_step : (k + 1) * per_step], context) for k in range(self.S)]
+        metrics = reward_metrics(type(scores)(total, per_fn), G)
+        metrics.update(
+            {
+                "completions/mean_length": float(lengths.mean()),
+                "completions/min_length": float(lengths.min()),
+                "completions/max_length": float(lengths.max()),
+                "completions/clipped_ratio": float(truncated.float().mean()),
+                "num_tokens": float(lengths.sum()),
+            }
+        )
+        if backend.is_main:
+            self.samples = [
+                {"rollout": i + 1, "prompt": r.get("prompt_text", ""), "completion": t, "reward": float(s)}
+                for r, t, s in list(zip(rows, texts, scores.total.tolist()))[: max(int(a.samples), 0)]
+            ]
+        return Rollout(steps, metrics)
+
+    def _generate(self, prompt_ids, seeds):
+        backend = self.backend
+        sync = None
+        if backend.world_size > 1:  # sharded weights make every forward a collective: decode in lockstep
+            def sync(local_done: bool) -> bool:
+                return float(backend.all_reduce_sum(torch.tensor(float(not local_done))).item()) == 0.0
+
+        with backend.autocast():
+            return self.generator.generate(backend.unwrap(self.state.model), prompt_ids, seeds, sync=sync)
+
+    def _score(self, rows: list[dict], texts: list[str], ids: list[list[int]]):
+        skip = {"prompt", "prompt_text", "prompt_ids"}
+        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in skip}
+        columns["prompt_ids"] = [r["prompt_ids"] for r in rows]
+        conversational = isinstance(rows[0].get("prompt"), list)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        return score_completions(
+            self.rewards,
+            weights=dict(self.a.reward_weights),
+            prompts=[r.get("prompt", r.get("prompt_text")) for r in rows],
+            completions=completions,
+            completion_ids=ids,
+            columns=columns,
+        )
+
+    def _batches(self, examples: list[dict], context: dict) -> list[dict]:
+        mb = int(self.ctx.train.micro_batch_size)
+        pad = self.tokenizer.pad_token_id
+        batches = []
+        for start in range(0, len(examples), mb):
+            chunk = examples[start : start + mb]
+            if self.needs_old:
+                for e, lp in zip(chunk, token_logps(self.state.model, collate_completions(chunk, pad), self.backend)):
+                    e["old_logps"] = lp
+            if self.with_ref:
+                for e, lp in zip(chunk, self._ref_logps(chunk, pad)):
+                    e["ref_logps"] = lp
+            batch = collate_completions(chunk, pad)
+            keep = torch.tensor(batch.pop("keep"), dtype=torch.bool)
+            mask = batch["completion_mask"] * keep[:, None]
+            weights, num_items = torch.zeros(mask.shape), 0.0
+            if keep.any():
+                w, num_items = self.aggregation(mask[keep], **context)
+                weights[keep] = w
+            batch.update(completion_mask=mask, weights=weights, num_items=num_items)
+            batches.append(batch)
+        return batches
+
+    def _ref_logps(self, chunk: list[dict], pad: int) -> list[list[float]]:
+        batch = collate_completions(chunk, pad)
+        if self.reference is not None:
+            return token_logps(self.reference, batch, self.backend)
+        with reference_mode(self.backend.unwrap(self.state.model)):
+            return token_logps(self.state.model, batch, self.backend)
+
+    def write_samples(self, i: int, rollout: Rollout) -> None:
+        if self.backend.is_main and self.samples:
+            with (self.ctx.out_dir / ROLLOUTS_FILE).open("w" if i == 0 else "a") as f:
+                for s in self.samples:
+                    f.write(json.dumps(s) + "\n")
+
+
+def _eos_ids(tokenizer, model_path: str) -> list[int]:
+    """Tokens that end a completion: the tokenizer's EOS and the generation config's (e.g. <|im_end|>)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    with contextlib.suppress(OSError, ValueError):
+        from transformers import GenerationConfig
+
+        extra = GenerationConfig.from_pretrained(model_path).eos_token_id
+        ids += [e for e in ([extra] if isinstance(extra, int) else list(extra or [])) if e not in ids]
+    return ids

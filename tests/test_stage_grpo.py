@@ -1,0 +1,161 @@
+"""The grpo stage on the tiny model: it learns a rule, resumes bitwise after SIGKILL, reads its reward
+model as a declared input, and its per-algorithm keys are checked when composed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli_runner import (
+    complete_checkpoints,
+    metrics,
+    run_cli,
+    single_thread,
+    stage_dir,
+    start_cli,
+    wait_for_checkpoint,
+    weights,
+)
+
+from align_runner import api
+from align_runner.pipeline.graph import build_graph
+from align_runner.pipeline.runner import input_stages, plan
+from align_runner.pipeline.store import DONE, StageStore
+from align_runner.validate import ConfigError, check_override_keys
+
+
+def grpo_overrides(outputs: Path, cache: str, *extra: str) -> list[str]:
+    """GRPO straight on the tiny base model, rewarded for even token ids."""
+    return [
+        "model=tiny",
+        "algorithm=grpo",
+        "algorithm.stages=[data_prep,grpo]",
+        f"paths.outputs={outputs}",
+        f"paths.cache={cache}",
+        "pipeline.eval=false",
+        "data.prompt.train.limit=64",
+        "~algorithm.rewards.accuracy",
+        "+algorithm.rewards.even={_target_:cli_runner.even_token_reward,_partial_:true}",
+        "algorithm.num_generations=8",
+        "algorithm.prompts_per_rollout=4",
+        "algorithm.generation.max_new_tokens=8",
+        "algorithm.train.lr=3e-3",
+        "algorithm.train.micro_batch_size=8",
+        "train.progress=false",
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+def test_reward_rises_on_a_learnable_rule(tmp_path, model_cache):
+    out = tmp_path / "out"
+    api.run(grpo_overrides(out, model_cache, "algorithm.rollouts=24"))
+    rows = [r for r in metrics(stage_dir(out, "grpo")) if "reward" in r]
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    first = sum(r["reward"] for r in rows[:4]) / 4
+    last = sum(r["reward"] for r in rows[-4:]) / 4
+    assert 0.35 < first < 0.65  # a random policy: about half the ids are even
+    assert last > first + 0.15, (first, last)
+    for key in ("reward_std", "rewards/even/mean", "frac_reward_zero_std", "completions/mean_length",
+                "completions/clipped_ratio", "entropy", "clip_ratio/region_mean", "policy_loss", "grad_norm"):
+        assert key in rows[-1], key
+    samples = [json.loads(line) for line in (stage_dir(out, "grpo") / "rollouts.jsonl").read_text().splitlines()]
+    assert {s["rollout"] for s in samples} == set(range(1, 25)) and "completion" in samples[0]
+
+
+SLOW_GRPO = [
+    "algorithm.rollouts=8",
+    "train.save_every=2",
+    "train.keep_last=1",
+    "+algorithm.rewards.even.delay=0.3",
+    # off-policy passes and a KL term: the old and reference log-probs must resume too
+    "algorithm.num_iterations=2",
+    "algorithm.loss.beta=0.05",
+]
+
+
+def test_sigkill_mid_grpo_resumes_bitwise(tmp_path, model_cache):
+    import signal
+
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    overrides = grpo_overrides(killed, model_cache, *SLOW_GRPO)
+    proc = start_cli(overrides, cwd=tmp_path, log=tmp_path / "killed.log")
+    try:
+        wait_for_checkpoint(killed, proc, kind="grpo")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    stage = stage_dir(killed, "grpo")
+    last = complete_checkpoints(stage)[-1]
+    assert not (stage / DONE).exists() and last < 8
+    rerun = run_cli(overrides, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"grpo: resumed from rollout {last}/8" in rerun.stdout + rerun.stderr
+
+    api.run(grpo_overrides(clean, model_cache, *SLOW_GRPO))
+    a, b = weights(stage), weights(stage_dir(clean, "grpo"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics(stage) == metrics(stage_dir(clean, "grpo"))
+
+
+def test_reward_model_is_a_declared_input_whose_change_recomputes_grpo(tmp_path, model_cache):
+    base = ["model=tiny", "algorithm=grpo_rm", f"paths.outputs={tmp_path}", f"paths.cache={model_cache}"]
+    specs = {s.name: s for s in build_graph(api.compose(base))}
+    assert [s for s in specs] == ["data_prep", "sft", "reward", "eval_before", "grpo", "eval_after"]
+    # the grpo stage sees its data, its starting model and the reward model: nothing else
+    assert input_stages(specs["grpo"]) == {"data": "data_prep", "model": "sft", "reward_model": "reward"}
+
+    def keys(*extra):
+        return {p.spec.name: p.key for p in plan(api.compose([*base, *extra]), StageStore(tmp_path / "store"))}
+
+    ref, rm_changed, eval_changed = keys(), keys("upstream.reward.train.lr=1e-3"), keys("eval.limit=3")
+    assert rm_changed["reward"] != ref["reward"] and rm_changed["grpo"] != ref["grpo"]
+    assert rm_changed["sft"] == ref["sft"]
+    assert eval_changed["grpo"] == ref["grpo"]  # eval is no input of grpo
+
+
+def test_grpo_scores_with_the_reward_model_of_its_pipeline(tmp_path, model_cache):
+    out = tmp_path / "out"
+    result = api.run(
+        [
+            "model=tiny", "algorithm=grpo_rm", f"paths.outputs={out}", f"paths.cache={model_cache}",
+            "pipeline.eval=false", "data.sft.train.limit=32", "data.preference.train.limit=32",
+            "data.prompt.train.limit=16", "train.max_steps=2", "train.progress=false",
+            "algorithm.rollouts=2", "algorithm.num_generations=4", "algorithm.prompts_per_rollout=2",
+            "algorithm.generation.max_new_tokens=4",
+        ]
+    )
+    m = result.stage("grpo").metrics
+    assert "rewards/reward_model/mean" in m and "rewards/accuracy/mean" in m
+    assert m["rewards/reward_model/std"] > 0  # real scores of different completions, not a constant
+
+
+def test_per_algorithm_keys_are_checked_when_composed():
+    check_override_keys(["algorithm=grpo", "algorithm.num_generations=4", "algorithm.generation.top_p=0.9"])
+    check_override_keys(["algorithm=dapo", "algorithm.loss.epsilon_high=0.3"])
+    with pytest.raises(ConfigError, match="Did you mean 'num_generations'"):
+        check_override_keys(["algorithm=grpo", "algorithm.num_generatons=4"])
+    with pytest.raises(ConfigError, match="Did you mean 'max_new_tokens'"):
+        check_override_keys(["algorithm=dapo", "algorithm.generation.max_new_token=4"])
+    with pytest.raises(ConfigError, match="num_generations"):
+        check_override_keys(["algorithm=sft", "algorithm.num_generations=4"])  # not an SFT key
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algorithm.num_generations=1", "algorithm.num_generations"),
+        ("algorithm.prompts_per_rollout=6", "algorithm.prompts_per_rollout"),  # not a multiple of 4 steps
+        ("algorithm.loss.bta=0.1", "Did you mean 'beta'"),
+    ],
+)
+def test_bad_grpo_config_fails_before_loading(override, message, model_cache, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        api.compose(["model=tiny", "algorithm=grpo", "algorithm.steps_per_rollout=4", f"paths.cache={model_cache}", override])
