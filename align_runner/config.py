@@ -180,7 +180,13 @@ TrainOverrides = _partial_of(TrainConfig, "TrainOverrides")
 def stage_train(cfg: Any, section: Any) -> Any:
     """The train settings of the stage configured by ``section``: cfg.train, then the section's own."""
     own = section.get("train") if section is not None else None
-    return OmegaConf.merge(cfg.train, {k: v for k, v in (own or {}).items() if v is not None})
+    changes = {k: v for k, v in (own or {}).items() if v is not None}
+    merged = OmegaConf.merge(cfg.train, changes)
+    for key, value in changes.items():
+        # a component naming another _target_ replaces the base one: SGD must not inherit AdamW's betas
+        if OmegaConf.is_dict(value) and "_target_" in value and value._target_ != cfg.train[key].get("_target_"):
+            merged[key] = value
+    return merged
 
 
 # ---------------------------------------------------------------------------------------- algorithm

@@ -21,6 +21,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from align_runner.engine.online import ROLLOUTS_FILE
 from align_runner.engine.trackers import read_metrics
 
 # Training-curve panels: (title, y label, metrics.jsonl keys drawn together). Absent keys are skipped.
@@ -33,6 +34,12 @@ PANELS = (
     ("Reward accuracy", "fraction chosen > rejected", ("rewards/accuracies",)),
     ("Rewards", "reward", ("rewards/chosen", "rewards/rejected")),
     ("Accuracy", "accuracy", ("accuracy", "eval/accuracy")),
+    # online RL (rollouts)
+    ("Reward", "reward", ("reward", "reward_std")),
+    ("KL to the reference", "kl", ("kl",)),
+    ("Entropy", "nats per token", ("entropy",)),
+    ("Completion length", "tokens", ("completions/mean_length", "completions/min_length", "completions/max_length")),
+    ("Clipping and filtering", "fraction", ("clip_ratio/region_mean", "completions/clipped_ratio", "frac_reward_zero_std")),
 )
 # eval metrics that are counts or on another scale than the checkers' scores: table only, no bars
 NOT_TASK_METRICS = ("num_prompts", "completion_tokens", "heldout_loss")
@@ -76,6 +83,10 @@ def write_report(run_dir: str | Path) -> Path:
     evals = [s for s in stages if (stage_dir(run_dir, s) / "samples.json").exists()]
     if evals:
         parts += ["## Sample generations", _samples_table(run_dir, evals)]
+    for s in stages:
+        path = stage_dir(run_dir, s) / ROLLOUTS_FILE
+        if path.exists():
+            parts += [f"## Rollouts of {s['name']}", _rollouts_table(path)]
     config = run_dir / "config.yaml"
     config_text = config.read_text() if config.exists() else "# config.yaml not found in the run dir"
     parts += ["## Resolved config", f"<details><summary>config.yaml</summary>\n\n```yaml\n{config_text.rstrip()}\n```\n\n</details>"]
@@ -132,7 +143,7 @@ def plot_training(name: str, rows: list[dict[str, Any]], out_dir: Path) -> Path 
             style = {"marker": "o"} if key.startswith("eval/") or len(steps) < 3 else {}
             ax.plot(steps, values, label=key, **style)
         ax.set_title(title)
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel("step (optimizer step; rollout for online RL)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -238,6 +249,18 @@ def _samples_table(run_dir: Path, evals: list[dict[str, Any]]) -> str:
         cells += [_completion_cell(v[i]) if i < len(v) else "" for v in samples.values()]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _rollouts_table(path: Path) -> str:
+    """The sample completions of the first and the last rollout, side by side with their rewards."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return "_No rollout samples were saved._"
+    shown = [r for r in rows if r["rollout"] in (rows[0]["rollout"], rows[-1]["rollout"])]
+    table = ["| rollout | question | completion | reward |", "|---|---|---|---|"]
+    for r in shown:
+        table.append(f"| {r['rollout']} | {_cell(question(r.get('prompt', '')))} | {_cell(str(r.get('completion', '')))} | {_fmt(r.get('reward'))} |")
+    return "\n".join(table)
 
 
 def _completion_cell(sample: dict[str, Any]) -> str:

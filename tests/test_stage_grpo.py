@@ -159,3 +159,29 @@ def test_per_algorithm_keys_are_checked_when_composed():
 def test_bad_grpo_config_fails_before_loading(override, message, model_cache, tmp_path):
     with pytest.raises(ConfigError, match=message):
         api.compose(["model=tiny", "algorithm=grpo", "algorithm.steps_per_rollout=4", f"paths.cache={model_cache}", override])
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_micro_batch_split_gives_the_same_update(aggregation, tmp_path, model_cache):
+    """One rollout of 32 completions in one micro-batch or in eight: with SGD (lr 1) the update is the
+    gradient itself, and every aggregation's num_items makes the two equal."""
+
+    def update(micro: int):
+        out = tmp_path / f"m{micro}"
+        api.run(
+            grpo_overrides(
+                out, model_cache, "algorithm.rollouts=1", f"algorithm.train.micro_batch_size={micro}",
+                f"algorithm.aggregation._target_=align_runner.algos.reduce.{aggregation}",
+                "algorithm.train.lr=1.0", "algorithm.train.max_grad_norm=0",
+                "algorithm.train.optimizer={_target_:torch.optim.SGD,_partial_:true}",
+            )
+        )
+        return weights(stage_dir(out, "grpo"))
+
+    whole, split = update(32), update(4)
+    from safetensors.torch import load_file
+
+    base = load_file(str(next(p for p in Path(model_cache).glob("tiny-*") if p.is_dir()) / "model.safetensors"))
+    moved = max((whole[k] - base[k]).abs().max().item() for k in base)
+    assert moved > 1e-4  # the rollout had a gradient
+    assert max((whole[k] - split[k]).abs().max().item() for k in whole) < 1e-6 * max(moved, 1.0)

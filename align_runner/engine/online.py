@@ -11,11 +11,15 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from align_runner.engine.loop import Batch, Engine, FitResult, StepFn, TrainState
+
+# sample completions of every rollout, one JSON object a line, in the stage's output dir
+ROLLOUTS_FILE = "rollouts.jsonl"
 
 
 @dataclass
@@ -26,6 +30,8 @@ class Rollout:
     steps: list[list[Batch]]
     # rollout-level metrics (rewards, completion lengths ...), already global
     metrics: dict[str, float] = field(default_factory=dict)
+    # a few completions (prompt, completion, reward ...) appended to ROLLOUTS_FILE for the report
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,6 @@ def fit_online(
     rollouts: int,
     make_rollout: Callable[[int], Rollout],
     epochs: int = 1,
-    on_rollout: Callable[[int, Rollout], Any] | None = None,
 ) -> FitResult:
     """Run ``rollouts`` rollouts; each is passed over ``epochs`` times (GRPO's mu), every optimizer step
     updating each model of ``updates`` in turn. Logs one row per rollout (its metrics plus the mean of
@@ -74,11 +79,23 @@ def fit_online(
         if done % t.log_every == 0 or done == rollouts:
             engine.tracker.log(row, step=done)
         result.metrics.update(row)
-        if on_rollout is not None:
-            on_rollout(i, rollout)
+        _write_samples(engine, done, rollout.samples)
         bar.update(1)
         bar.set_postfix(reward=f"{row.get('reward', float('nan')):.3f}")
         if t.save_every > 0 and done % t.save_every == 0 and done < rollouts:
             engine.ckpt.save(done, states, history=engine.tracker.path)
     bar.close()
     return result
+
+
+def _write_samples(engine: Engine, rollout: int, samples: list[dict[str, Any]]) -> None:
+    """Append a rollout's samples; the first rollout of a fresh start truncates what an earlier,
+    interrupted attempt left, and a resumed one drops that attempt's rollouts after the checkpoint."""
+    if not engine.backend.is_main:
+        return
+    path = engine.out_dir / ROLLOUTS_FILE
+    keep = []
+    if path.exists() and rollout > 1:
+        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("rollout", 0) < rollout]
+    lines = keep + [json.dumps({"rollout": rollout, **s}) for s in samples]
+    path.write_text("".join(line + "\n" for line in lines))

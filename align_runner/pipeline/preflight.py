@@ -16,7 +16,9 @@ Memory model (bytes per device; P parameters, T trainable, N processes, w bytes 
   at 2 bytes per element, with fused attention), or B*S*H*a per layer plus one layer's 17 when
   recomputed (gradient checkpointing); plus B*S*V*8 for fp32 logits and their gradient.
 
-FSDP2 keeps fp32 weight shards (w = 4); DDP and DeepSpeed hold weights in the compute precision.
+w is the backend's weight dtype: fp32 master weights under bf16/fp16 autocast for DDP and FSDP2 (pure
+bf16 only with model.dtype=bfloat16); DeepSpeed holds weights in the compute precision beside its fp32
+master copy.
 Transient buffers (gathered layers, communication buckets, the allocator's slack) are not counted.
 """
 
@@ -176,7 +178,9 @@ def model_shape(cfg: DictConfig) -> ModelShape | None:
 
 def stage_estimate(cfg: DictConfig, shape: ModelShape, train: Any) -> MemoryEstimate:
     """The estimate for one training stage with its ``train`` settings."""
-    from align_runner.engine.backend import effective_precision
+    import torch
+
+    from align_runner.engine.backend import effective_precision, model_dtype
 
     hw, m = cfg.hardware, cfg.model
     precision = effective_precision(hw)
@@ -195,13 +199,15 @@ def stage_estimate(cfg: DictConfig, shape: ModelShape, train: Any) -> MemoryEsti
             act_bytes=_WEIGHT_BYTES[precision],
             checkpointing=bool(m.gradient_checkpointing),
         )
+    # weights are stored in the backend's weight dtype: fp32 masters under bf16 autocast by default
+    stored = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model_dtype(hw, str(m.dtype))]
     return estimate_memory(
         num_params=total,
         trainable=trainable,
         backend=str(hw.backend),
         zero_stage=int(hw.zero_stage),
         world_size=int(hw.num_processes) * int(hw.num_nodes),
-        precision=precision,
+        precision=stored,
         offload_optimizer=bool(hw.offload_optimizer),
         quantization=m.quantization,
         activations=acts,

@@ -17,7 +17,6 @@ completions/{mean,min,max}_length, completions/clipped_ratio, kl, entropy, clip_
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from functools import partial
 from typing import Any
@@ -37,8 +36,6 @@ from align_runner.engine.rollout import Generator, row_seed
 from align_runner.models.peft import is_peft_model, reference_mode
 from align_runner.registry import Input, register_stage
 from align_runner.stages.context import StageContext
-
-ROLLOUTS_FILE = "rollouts.jsonl"
 
 
 def grpo_step(model, batch: dict, *, loss_fn):
@@ -134,7 +131,6 @@ def run_grpo(ctx: StageContext) -> dict[str, float]:
         rollouts=int(a.rollouts),
         make_rollout=rollout,
         epochs=int(a.num_iterations),
-        on_rollout=rollout.write_samples,
     )
     ctx.save_model(state.model, tokenizer)
     return result.metrics
@@ -166,7 +162,6 @@ class GRPORollout:
         self.aggregation = instantiate(a.aggregation)
         # off-policy steps (a second pass, or later steps of a split rollout) need the sampling policy's log-probs
         self.needs_old = int(a.num_iterations) > 1 or self.S > 1
-        self.samples: list[dict] = []
 
     def __call__(self, i: int) -> Rollout:
         a, backend, G = self.a, self.backend, self.G
@@ -223,12 +218,11 @@ class GRPORollout:
                 "num_tokens": float(lengths.sum()),
             }
         )
-        if backend.is_main:
-            self.samples = [
-                {"rollout": i + 1, "prompt": r.get("prompt_text", ""), "completion": t, "reward": float(s)}
-                for r, t, s in list(zip(rows, texts, scores.total.tolist()))[: max(int(a.samples), 0)]
-            ]
-        return Rollout(steps, metrics)
+        samples = [
+            {"prompt": r.get("prompt_text", ""), "completion": t, "reward": float(s)}
+            for r, t, s in list(zip(rows, texts, scores.total.tolist()))[: max(int(a.samples), 0)]
+        ]
+        return Rollout(steps, metrics, samples)
 
     def _generate(self, prompt_ids, seeds):
         backend = self.backend
@@ -284,13 +278,6 @@ class GRPORollout:
             return token_logps(self.reference, batch, self.backend)
         with reference_mode(self.backend.unwrap(self.state.model)):
             return token_logps(self.state.model, batch, self.backend)
-
-    def write_samples(self, i: int, rollout: Rollout) -> None:
-        if self.backend.is_main and self.samples:
-            with (self.ctx.out_dir / ROLLOUTS_FILE).open("w" if i == 0 else "a") as f:
-                for s in self.samples:
-                    f.write(json.dumps(s) + "\n")
-
 
 def _eos_ids(tokenizer, model_path: str) -> list[int]:
     """Tokens that end a completion: the tokenizer's EOS and the generation config's (e.g. <|im_end|>)."""
