@@ -10,6 +10,15 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread, as the CLI subprocesses use: in-process runs compare bitwise with them."""
+    from cli_runner import single_thread
+
+    with single_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> str:
     """One cache of built tiny models for the whole session (building takes a second or two)."""

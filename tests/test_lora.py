@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import single_thread, stage_dir
+from cli_runner import stage_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -18,10 +18,7 @@ from align_runner.validate import ConfigError
 LORA = ["+model/lora=default", "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_lora_switches_reach_peft():

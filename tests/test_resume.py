@@ -15,7 +15,6 @@ from cli_runner import (
     complete_checkpoints,
     metrics,
     run_cli,
-    single_thread,
     stage_dir,
     start_cli,
     tiny_overrides,
@@ -38,10 +37,7 @@ SLOW = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _same_weights(a: dict, b: dict) -> bool:

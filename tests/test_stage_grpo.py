@@ -12,7 +12,6 @@ from cli_runner import (
     complete_checkpoints,
     metrics,
     run_cli,
-    single_thread,
     stage_dir,
     start_cli,
     wait_for_checkpoint,
@@ -48,10 +47,7 @@ def grpo_overrides(outputs: Path, cache: str, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reward_rises_on_a_learnable_rule(tmp_path, model_cache):

@@ -71,7 +71,9 @@ def _decode_kwargs(model) -> tuple[str, dict]:
     """The forward's name for the KV cache (``cache`` in recent transformers, ``past_key_values``
     before), and ``logits_to_keep=1`` where supported: decoding needs the last position's logits only,
     and the prefill would otherwise build (B, prompt length, vocabulary) of them."""
-    params = inspect.signature(type(getattr(model, "module", model)).forward).parameters
+    inner = getattr(model, "module", model)  # DeepSpeed's engine wraps the model
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # so does PEFT
+    params = inspect.signature(type(inner).forward).parameters
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     return ("cache" if "cache" in params else "past_key_values"), extra
 
@@ -200,7 +202,7 @@ class Generator:
         cache_arg, extra = _decode_kwargs(model)
         for _ in range(self.max_new_tokens):
             out = model(input_ids=step_ids, attention_mask=attention, position_ids=positions, use_cache=True, **{cache_arg: cache}, **extra)
-            cache = getattr(out, cache_arg)
+            cache = out.get("cache", out.get("past_key_values"))
             nxt = self._sample(out.logits[:, -1].float(), gens)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             tokens.append(nxt)
