@@ -79,3 +79,16 @@ def test_filters_keep_what_their_definitions_keep():
     # min_p 0.2: keep p >= 0.2 * 0.5 = 0.1
     assert kept(min_p=0.2) == [True, True, True, False]
     assert kept(top_p=0.01) == [True, False, False, False]  # the most likely token always survives
+
+
+def test_a_group_shares_its_prompt_pass_and_samples_what_it_would_alone(tiny):
+    model, tok = tiny
+    prompts = [p for p in _prompts(tok)[:2] for _ in range(4)]  # two groups of four
+    seeds = [row_seed(1, 0, j) for j in range(len(prompts))]
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: calls.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    grouped = _gen(tok).generate(model, prompts, seeds)
+    handle.remove()
+    assert calls[0] == (2, len(prompts[4]))  # one prefill row per distinct prompt
+    assert grouped == _gen(tok, batch_size=1).generate(model, prompts, seeds)
+    assert len({tuple(c.ids) for c in grouped}) > 2  # the seeds, not the prompts, make them differ

@@ -181,3 +181,30 @@ def test_micro_batch_split_gives_the_same_update(aggregation, tmp_path, model_ca
     moved = max((whole[k] - base[k]).abs().max().item() for k in base)
     assert moved > 1e-4  # the rollout had a gradient
     assert max((whole[k] - split[k]).abs().max().item() for k in whole) < 1e-6 * max(moved, 1.0)
+
+
+def test_completion_log_probs_match_the_unpadded_sequences(model_cache):
+    """Left-padded prompts + right-padded completions, LM head on the completion columns only: every
+    completion token's log-prob equals the one from its own unpadded sequence."""
+    from align_runner.algos.logprobs import shifted_token_logps
+    from align_runner.data.collate import collate_completions
+    from align_runner.engine.backend import get_backend
+    from align_runner.models.loading import load_causal_lm
+    from align_runner.models.tiny import build_tiny
+    from align_runner.stages.grpo import rollout_logps
+
+    model = load_causal_lm(build_tiny(model_cache))
+    rows = [
+        {"prompt_ids": [5, 6, 7, 8, 9], "completion_ids": [10, 11]},
+        {"prompt_ids": [12, 13], "completion_ids": [14, 15, 16, 17]},
+        {"prompt_ids": [18, 19, 20], "completion_ids": [21]},
+    ]
+    batch = collate_completions(rows, pad_id=0)
+    assert batch["input_ids"].shape == (3, 5 + 4)
+    assert batch["completion_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert batch["position_ids"][1].tolist()[3:7] == [0, 1, 2, 3]  # two pads, then real positions
+    got = rollout_logps(model, batch, get_backend(api.compose(["model=tiny"]).hardware))
+    for row, lps in zip(rows, got):
+        ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+        want = shifted_token_logps(model(input_ids=ids).logits, ids)[0, -len(row["completion_ids"]) :]
+        assert lps == pytest.approx(want.tolist(), abs=1e-5)

@@ -24,6 +24,16 @@ def _token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
+    """log p(targets) under ``logits``: (B, T, V) and (B, T) -> (B, T), no shift (the caller aligned
+    them). Half-precision logits are upcast to float32 one sequence at a time, as in
+    ``shifted_token_logps``."""
+    if logits.dtype in _LOW_PRECISION:
+        rows = [_token_logps(row.float(), tgt) for row, tgt in zip(logits, targets.long())]
+        return torch.stack(rows) if rows else logits.new_zeros(targets.shape, dtype=torch.float32)
+    return _token_logps(logits, targets.long())
+
+
 def shifted_token_logps(logits: Tensor, input_ids: Tensor) -> Tensor:
     """Log-probs of each token given its prefix: ``out[:, t-1] = log p(input_ids[:, t] | input_ids[:, <t])``.
 
@@ -38,14 +48,7 @@ def shifted_token_logps(logits: Tensor, input_ids: Tensor) -> Tensor:
             f"{tuple(input_ids.shape)}"
         )
     # The logit at position t predicts token t+1: drop the last logit and the first token.
-    logits = logits[:, :-1]
-    targets = input_ids[:, 1:].long()
-    if logits.dtype in _LOW_PRECISION:
-        rows = [_token_logps(row.float(), tgt) for row, tgt in zip(logits, targets)]
-        if not rows:  # B == 0: keep the (0, T-1) shape
-            return logits.new_zeros(targets.shape, dtype=torch.float32)
-        return torch.stack(rows)
-    return _token_logps(logits, targets)
+    return token_logps(logits[:, :-1], input_ids[:, 1:])
 
 
 def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:

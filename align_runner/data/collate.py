@@ -120,33 +120,37 @@ def _extra_fields(examples: Sequence[Mapping], skip: set[str], *, tensors: bool)
 
 
 def collate_completions(examples: Sequence[Mapping], pad_id: int) -> dict:
-    """Right-padded prompt + completion rows of an online-RL rollout, aligned for per-token losses.
+    """Prompt + completion rows of an online-RL rollout: prompts LEFT-padded to a common width P and
+    completions RIGHT-padded to a common width C, so every row's completion starts at column P.
 
-    Each example has ``prompt_ids`` and ``completion_ids`` and optionally per-completion-token lists
-    (``old_logps``, ``ref_logps``). Returns ``input_ids`` / ``attention_mask`` (B, T) and
-    ``completion_mask`` (B, T-1), aligned with ``shifted_token_logps`` (position t-1 predicts token t):
-    1 where the predicted token is a completion token. Per-token lists are placed at the same
-    positions as (B, T-1) float tensors; scalar fields become (B,) tensors.
+    Returns ``input_ids`` / ``attention_mask`` / ``position_ids`` (B, P + C) (positions count real
+    tokens only, as in generation), ``completion_ids`` and ``completion_mask`` (B, C). The logits at
+    columns P-1 .. P+C-2 predict the completion tokens, so a forward with ``logits_to_keep=C + 1`` has
+    the LM head run on those columns alone. Per-completion-token lists (``old_logps``, ``ref_logps``)
+    become (B, C) float tensors; scalar fields become (B,) tensors.
     """
     _check(examples, pad_id)
-    sequences = [list(e["prompt_ids"]) + list(e["completion_ids"]) for e in examples]
-    width = _width(sequences, None)
-    mask = torch.zeros((len(examples), max(width - 1, 0)), dtype=torch.long)
-    spans = []
-    for i, e in enumerate(examples):
-        start, stop = len(e["prompt_ids"]) - 1, len(sequences[i]) - 1
-        mask[i, start:stop] = 1
-        spans.append((start, stop))
+    prompts = [list(e["prompt_ids"]) for e in examples]
+    completions = [list(e["completion_ids"]) for e in examples]
+    p_width, c_width = _width(prompts, None), max(1, _width(completions, None))
+    prompt_ids = _pad(prompts, p_width, pad_id, left=True)
+    completion_ids = _pad(completions, c_width, pad_id, left=False)
+    attention = torch.cat(
+        [_pad([[1] * len(p) for p in prompts], p_width, 0, left=True), _pad([[1] * len(c) for c in completions], c_width, 0, left=False)],
+        dim=1,
+    )
     batch: dict[str, Any] = {
-        "input_ids": _pad(sequences, width, pad_id, left=False),
-        "attention_mask": _pad([[1] * len(s) for s in sequences], width, 0, left=False),
-        "completion_mask": mask,
+        "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
+        "attention_mask": attention,
+        "position_ids": (attention.cumsum(-1) - 1).clamp(min=0),
+        "completion_ids": completion_ids,
+        "completion_mask": attention[:, p_width:],
     }
     for key in ("old_logps", "ref_logps"):
         if examples[0].get(key) is not None:
-            values = torch.zeros(mask.shape, dtype=torch.float32)
-            for i, (start, stop) in enumerate(spans):
-                values[i, start:stop] = torch.as_tensor(examples[i][key], dtype=torch.float32)
+            values = torch.zeros((len(examples), c_width), dtype=torch.float32)
+            for i, e in enumerate(examples):
+                values[i, : len(e[key])] = torch.as_tensor(e[key], dtype=torch.float32)
             batch[key] = values
     skip = {"prompt_ids", "completion_ids", "old_logps", "ref_logps"}
     batch.update(_extra_fields(examples, skip, tensors=True))

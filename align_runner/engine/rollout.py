@@ -187,32 +187,43 @@ class Generator:
     def _batch(self, model, prompts, seeds, sync) -> list[Completion]:
         device = next(model.parameters()).device
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        # the completions of one prompt share its prefill: run each distinct prompt once, then give
+        # every row a copy of its prompt's KV cache (a group of G completions costs one prompt pass)
+        distinct: dict[tuple[int, ...], int] = {}
+        src = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
+        unique = list(distinct)
+        width = max(len(p) for p in unique)
+        ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(unique), width), dtype=torch.long)
+        for i, p in enumerate(unique):  # left padding: every prompt ends at the last column
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention[i, width - len(p) :] = 1
         ids, attention = ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        cache_arg, extra = _decode_kwargs(model)
+        out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, **extra)
+        cache = out.get("cache", out.get("past_key_values"))
+        cache.reorder_cache(src)
+        logits, attention, positions = out.logits[:, -1][src], attention[src], positions[src]
         eos = torch.tensor(self.eos_ids, device=device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         tokens: list[torch.Tensor] = []
-        step_ids, cache = ids, None
-        cache_arg, extra = _decode_kwargs(model)
         for _ in range(self.max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=attention, position_ids=positions, use_cache=True, **{cache_arg: cache}, **extra)
-            cache = out.get("cache", out.get("past_key_values"))
-            nxt = self._sample(out.logits[:, -1].float(), gens)
+            nxt = self._sample(logits.float(), gens)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             tokens.append(nxt)
             done |= torch.isin(nxt, eos)
             local_done = bool(done.all())
-            if (sync(local_done) if sync is not None else local_done):
+            if sync(local_done) if sync is not None else local_done:
                 break
-            step_ids = nxt[:, None]
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
+            out = model(
+                input_ids=nxt[:, None], attention_mask=attention, position_ids=positions, use_cache=True,
+                **{cache_arg: cache}, **extra,
+            )
+            cache = out.get("cache", out.get("past_key_values"))
+            logits = out.logits[:, -1]
         rows = torch.stack(tokens, dim=1).tolist()
         eos_set = set(self.eos_ids)
         result = []

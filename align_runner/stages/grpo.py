@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from align_runner.algos.grpo import PolicyBatch
-from align_runner.algos.logprobs import shifted_token_logps
+from align_runner.algos.logprobs import token_logps
 from align_runner.algos.policy import entropy_from_logits
 from align_runner.algos.rewards import reward_metrics, score_completions
 from align_runner.data.collate import collate_completions
@@ -38,12 +38,25 @@ from align_runner.registry import Input, register_stage
 from align_runner.stages.context import StageContext
 
 
+def completion_logits(model, batch: dict):
+    """Logits predicting each completion token, (B, C, V): the LM head runs on those columns only
+    (``logits_to_keep``), not on the prompt's, which carry no loss (see ``collate_completions``)."""
+    width = batch["completion_ids"].shape[1]
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=width + 1,
+    ).logits
+    return logits[:, -width - 1 : -1]
+
+
 def grpo_step(model, batch: dict, *, loss_fn):
     """The policy loss on one micro-batch of completions (mean over the aggregation's ``num_items``)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = shifted_token_logps(logits, batch["input_ids"])
+    logits = completion_logits(model, batch)
+    logps = token_logps(logits, batch["completion_ids"])
     with torch.no_grad():
-        entropy = entropy_from_logits(logits[:, :-1])
+        entropy = entropy_from_logits(logits)
     return loss_fn(
         PolicyBatch(
             logps=logps,
@@ -59,12 +72,11 @@ def grpo_step(model, batch: dict, *, loss_fn):
 
 
 @torch.no_grad()
-def token_logps(model, batch: dict, backend) -> list[list[float]]:
+def rollout_logps(model, batch: dict, backend) -> list[list[float]]:
     """Per completion token log-probs of ``model`` on a collated batch, one list per row."""
     batch = {k: v.to(backend.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with backend.autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = shifted_token_logps(logits, batch["input_ids"]).float().cpu()
+        logps = token_logps(completion_logits(model, batch), batch["completion_ids"]).float().cpu()
     mask = batch["completion_mask"].cpu().bool()
     return [row[m].tolist() for row, m in zip(logps, mask)]
 
@@ -256,7 +268,7 @@ class GRPORollout:
         for start in range(0, len(examples), mb):
             chunk = examples[start : start + mb]
             if self.needs_old:
-                for e, lp in zip(chunk, token_logps(self.state.model, collate_completions(chunk, pad), self.backend)):
+                for e, lp in zip(chunk, rollout_logps(self.state.model, collate_completions(chunk, pad), self.backend)):
                     e["old_logps"] = lp
             if self.with_ref:
                 for e, lp in zip(chunk, self._ref_logps(chunk, pad)):
@@ -275,9 +287,9 @@ class GRPORollout:
     def _ref_logps(self, chunk: list[dict], pad: int) -> list[list[float]]:
         batch = collate_completions(chunk, pad)
         if self.reference is not None:
-            return token_logps(self.reference, batch, self.backend)
+            return rollout_logps(self.reference, batch, self.backend)
         with reference_mode(self.backend.unwrap(self.state.model)):
-            return token_logps(self.state.model, batch, self.backend)
+            return rollout_logps(self.state.model, batch, self.backend)
 
 def _eos_ids(tokenizer, model_path: str) -> list[int]:
     """Tokens that end a completion: the tokenizer's EOS and the generation config's (e.g. <|im_end|>)."""
