@@ -264,6 +264,10 @@ class OnlineAlgorithmConfig(AlgorithmConfig):
     mask_truncated_completions: bool = False
     # groups whose completions all got the same reward count nowhere in the loss (no signal; DAPO)
     filter_zero_std_groups: bool = False
+    # train on each prompt once with its completions packed behind it (4-D attention mask): the same
+    # gradients for far less compute when prompts are long; false for attention kernels without
+    # arbitrary masks (flash-attention)
+    share_prompts: bool = True
     # completions per rollout written to rollouts.jsonl for the report
     samples: int = 4
 

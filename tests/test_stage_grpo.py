@@ -208,3 +208,34 @@ def test_completion_log_probs_match_the_unpadded_sequences(model_cache):
         ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
         want = shifted_token_logps(model(input_ids=ids).logits, ids)[0, -len(row["completion_ids"]) :]
         assert lps == pytest.approx(want.tolist(), abs=1e-5)
+
+
+def test_shared_prompt_layout_gives_the_same_logps_and_gradients(model_cache):
+    """Completions packed behind one copy of their prompt (4-D mask) compute what separate rows do."""
+    from align_runner.algos.logprobs import token_logps
+    from align_runner.data.collate import collate_completions
+    from align_runner.models.loading import load_causal_lm
+    from align_runner.models.tiny import build_tiny
+    from align_runner.stages.grpo import completion_logits
+
+    model = load_causal_lm(build_tiny(model_cache))
+    a, b = [5, 6, 7, 8, 9], [12, 13]
+    rows = [
+        {"prompt_ids": a, "completion_ids": [10, 11]},
+        {"prompt_ids": b, "completion_ids": [14, 15, 16]},
+        {"prompt_ids": a, "completion_ids": [21]},
+        {"prompt_ids": a, "completion_ids": [22, 23, 24]},
+    ]
+
+    def logps_and_grads(share: bool):
+        batch = collate_completions(rows, pad_id=0, share_prompts=share)
+        model.zero_grad()
+        logps = token_logps(completion_logits(model, batch), batch["completion_ids"]) * batch["completion_mask"]
+        logps.sum().backward()
+        return logps.detach(), [p.grad.clone() for p in model.parameters()]
+
+    shared_batch = collate_completions(rows, pad_id=0, share_prompts=True)
+    assert shared_batch["input_ids"].shape == (2, 5 + 3 * 3)  # 2 prompts, 3 slots of 3 columns
+    (lp, g), (lp_shared, g_shared) = logps_and_grads(False), logps_and_grads(True)
+    assert torch.allclose(lp, lp_shared, atol=1e-5)
+    assert max((x - y).abs().max().item() for x, y in zip(g, g_shared)) < 1e-5

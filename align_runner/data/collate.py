@@ -119,7 +119,7 @@ def _extra_fields(examples: Sequence[Mapping], skip: set[str], *, tensors: bool)
     return out
 
 
-def collate_completions(examples: Sequence[Mapping], pad_id: int) -> dict:
+def collate_completions(examples: Sequence[Mapping], pad_id: int, *, share_prompts: bool = False) -> dict:
     """Prompt + completion rows of an online-RL rollout: prompts LEFT-padded to a common width P and
     completions RIGHT-padded to a common width C, so every row's completion starts at column P.
 
@@ -128,6 +128,9 @@ def collate_completions(examples: Sequence[Mapping], pad_id: int) -> dict:
     columns P-1 .. P+C-2 predict the completion tokens, so a forward with ``logits_to_keep=C + 1`` has
     the LM head run on those columns alone. Per-completion-token lists (``old_logps``, ``ref_logps``)
     become (B, C) float tensors; scalar fields become (B,) tensors.
+
+    ``share_prompts`` replaces the model inputs with the shared-prompt layout (``_shared_prompt_layout``):
+    the completions of one prompt in one packed row, the prompt computed once.
     """
     _check(examples, pad_id)
     prompts = [list(e["prompt_ids"]) for e in examples]
@@ -146,6 +149,8 @@ def collate_completions(examples: Sequence[Mapping], pad_id: int) -> dict:
         "completion_ids": completion_ids,
         "completion_mask": attention[:, p_width:],
     }
+    if share_prompts:
+        batch.update(_shared_prompt_layout(prompts, completions, c_width, pad_id))
     for key in ("old_logps", "ref_logps"):
         if examples[0].get(key) is not None:
             values = torch.zeros((len(examples), c_width), dtype=torch.float32)
@@ -155,3 +160,55 @@ def collate_completions(examples: Sequence[Mapping], pad_id: int) -> dict:
     skip = {"prompt_ids", "completion_ids", "old_logps", "ref_logps"}
     batch.update(_extra_fields(examples, skip, tensors=True))
     return batch
+
+
+def _shared_prompt_layout(prompts: list[list[int]], completions: list[list[int]], width: int, pad_id: int) -> dict:
+    """The completions of each distinct prompt packed behind ONE copy of it, each attending to the
+    prompt and to itself only (a 4-D attention mask), positions continuing from the prompt's end.
+
+    A group of G completions of a P-token prompt then costs P + G x C positions instead of G x (P + C):
+    the same attention, so the same logits and gradients, for much less compute when prompts are long.
+    Every packed row has the same layout: the prompt left-padded to the widest, then K slots of ``width``
+    columns (K: the most completions any prompt has here), so one index list (``logit_index``, the
+    columns whose logits predict slot tokens) serves every row. ``row_of`` / ``slot_of`` map each
+    original row to its packed row and slot.
+    """
+    distinct: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        distinct.setdefault(tuple(p), []).append(i)
+    slots = max(len(rows) for rows in distinct.values())
+    p_width = max(len(p) for p in distinct)
+    total = p_width + slots * width
+    ids = torch.full((len(distinct), total), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(distinct), total), dtype=torch.long)
+    region = torch.full((len(distinct), total), -2, dtype=torch.long)  # -2 pad, -1 prompt, s slot s
+    row_of, slot_of = [0] * len(prompts), [0] * len(prompts)
+    for r, (prompt, members) in enumerate(distinct.items()):
+        start = p_width - len(prompt)
+        ids[r, start:p_width] = torch.tensor(prompt, dtype=torch.long)
+        positions[r, start:p_width] = torch.arange(len(prompt))
+        region[r, start:p_width] = -1
+        for s, i in enumerate(members):
+            row_of[i], slot_of[i] = r, s
+            c, first = completions[i], p_width + s * width
+            ids[r, first : first + len(c)] = torch.tensor(c, dtype=torch.long)
+            positions[r, first : first + len(c)] = torch.arange(len(prompt), len(prompt) + len(c))
+            region[r, first : first + len(c)] = s
+    q, k = region[:, :, None], region[:, None, :]
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    # a real token sees the real prompt tokens before it and the earlier tokens of its own slot; a pad
+    # sees itself only (a query row with nothing to attend to would give NaN)
+    allowed = causal & (k != -2) & ((k == -1) | (k == q)) & (q != -2)
+    allowed |= torch.eye(total, dtype=torch.bool) & (q == -2)
+    slot_starts = p_width + width * torch.arange(slots)
+    # slot token t is predicted from column (prompt end if t == 0, else the slot's column t - 1)
+    index = (slot_starts[:, None] + torch.arange(width)[None, :] - 1).clone()
+    index[:, 0] = p_width - 1
+    return {
+        "input_ids": ids,
+        "attention_mask": allowed[:, None],
+        "position_ids": positions,
+        "logit_index": index.reshape(-1),
+        "row_of": torch.tensor(row_of),
+        "slot_of": torch.tensor(slot_of),
+    }

@@ -42,12 +42,16 @@ def completion_logits(model, batch: dict):
     """Logits predicting each completion token, (B, C, V): the LM head runs on those columns only
     (``logits_to_keep``), not on the prompt's, which carry no loss (see ``collate_completions``)."""
     width = batch["completion_ids"].shape[1]
+    shared = "logit_index" in batch  # the shared-prompt layout: one packed row per prompt
     logits = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
-        logits_to_keep=width + 1,
+        logits_to_keep=batch["logit_index"] if shared else width + 1,
     ).logits
+    if shared:
+        packed = logits.view(logits.shape[0], -1, width, logits.shape[-1])
+        return packed[batch["row_of"], batch["slot_of"]]
     return logits[:, -width - 1 : -1]
 
 
@@ -263,17 +267,17 @@ class GRPORollout:
 
     def _batches(self, examples: list[dict], context: dict) -> list[dict]:
         mb = int(self.ctx.train.micro_batch_size)
-        pad = self.tokenizer.pad_token_id
+        collate = partial(collate_completions, pad_id=self.tokenizer.pad_token_id, share_prompts=bool(self.a.share_prompts))
         batches = []
         for start in range(0, len(examples), mb):
             chunk = examples[start : start + mb]
             if self.needs_old:
-                for e, lp in zip(chunk, rollout_logps(self.state.model, collate_completions(chunk, pad), self.backend)):
+                for e, lp in zip(chunk, rollout_logps(self.state.model, collate(chunk), self.backend)):
                     e["old_logps"] = lp
             if self.with_ref:
-                for e, lp in zip(chunk, self._ref_logps(chunk, pad)):
+                for e, lp in zip(chunk, self._ref_logps(collate(chunk))):
                     e["ref_logps"] = lp
-            batch = collate_completions(chunk, pad)
+            batch = collate(chunk)
             keep = torch.tensor(batch.pop("keep"), dtype=torch.bool)
             mask = batch["completion_mask"] * keep[:, None]
             weights, num_items = torch.zeros(mask.shape), 0.0
@@ -284,8 +288,7 @@ class GRPORollout:
             batches.append(batch)
         return batches
 
-    def _ref_logps(self, chunk: list[dict], pad: int) -> list[list[float]]:
-        batch = collate_completions(chunk, pad)
+    def _ref_logps(self, batch: dict) -> list[list[float]]:
         if self.reference is not None:
             return rollout_logps(self.reference, batch, self.backend)
         with reference_mode(self.backend.unwrap(self.state.model)):
