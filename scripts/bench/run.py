@@ -430,6 +430,7 @@ def spawn(case: str, role: str, spec_path: Path, result_path: Path, log: Path, t
 def worker_main(case: str, role: str, spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     threads = int(spec["threads"])
+    code = code_fingerprint()  # before importing: the align_runner this process is about to run
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
     import torch
@@ -439,8 +440,33 @@ def worker_main(case: str, role: str, spec_path: str, result_path: str) -> None:
     fn = c.prepare if role == "prepare" else c.workers[role]
     out = fn(spec)
     if role != "prepare":
-        out.update(threads=torch.get_num_threads(), peak_rss_mib=peak_rss_mib())
+        out.update(threads=torch.get_num_threads(), peak_rss_mib=peak_rss_mib(), code=code)
     Path(result_path).write_text(json.dumps(out, indent=2))
+
+
+def code_fingerprint() -> dict:
+    """The git commit and a hash of align_runner's sources and configs as this process reads them, so
+    a result shows which code each run measured (a tree edited during a benchmark gives mixed runs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for root in ("align_runner", "conf"):
+        for f in sorted((REPO / root).rglob("*")):
+            if f.suffix in (".py", ".yaml") and f.is_file():
+                h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return {
+        "git_sha": _git(["rev-parse", "--short", "HEAD"]),
+        "dirty": _git_dirty(),
+        "source_hash": h.hexdigest()[:12],
+    }
+
+
+def _git(args: list[str]) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    except OSError:
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def trl_available() -> bool:
@@ -453,12 +479,6 @@ def trl_available() -> bool:
 def machine() -> dict:
     import torch  # only for its version: the parent process trains nothing
 
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        sha = None
     return {
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -469,10 +489,25 @@ def machine() -> dict:
         "transformers": version("transformers"),
         "trl": version("trl"),
         "align_runner": version("align-runner"),
-        "git_sha": sha or None,
+        "git_sha": _git(["rev-parse", "--short", "HEAD"]),
+        "git_dirty": _git_dirty(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+
+
+def _git_dirty() -> bool | None:
+    """Whether align_runner's tracked sources or configs differ from the commit (the measured code is the working tree)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "align_runner", "conf"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 def _cpu_model() -> str | None:
@@ -539,7 +574,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
                     flush=True,
                 )
                 runs.append(out)
-                shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints a 135M run writes: ~0.5 GB each
+                if not args.keep:
+                    shutil.rmtree(run_dir, ignore_errors=True)  # a 135M run's saved model: ~0.5 GB
         result = summarise(name, case, spec, info, runs, sides)
     finally:
         if args.keep:
@@ -559,6 +595,10 @@ def summarise(name: str, case: Case, spec: dict, info: dict, runs: list[dict], s
             "per_s": statistics.median(r["per_s"] for r in mine),
             "seconds": statistics.median(r["seconds"] for r in mine),
             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in mine),
+            # the fastest run: the least disturbed by other jobs on a shared machine
+            "best_per_s": max(r["per_s"] for r in mine),
+            # fastest / slowest run: above ~1.2 the machine was busy and the medians are noisy
+            "spread": max(r["per_s"] for r in mine) / min(r["per_s"] for r in mine),
             "runs": len(mine),
         }
         if any("stage_seconds" in r for r in mine):
@@ -568,6 +608,13 @@ def summarise(name: str, case: Case, spec: dict, info: dict, runs: list[dict], s
         summary["ratio"] = {
             "per_s": a["per_s"] / t["per_s"],
             "peak_rss_mib": a["peak_rss_mib"] / t["peak_rss_mib"],
+            "best_per_s": a["best_per_s"] / t["best_per_s"],
+            # each align_runner run over the TRL run just before it (same repeat, similar machine load)
+            "pairs": [
+                next(r["per_s"] for r in runs if r["side"] == "align_runner" and r["repeat"] == i)
+                / next(r["per_s"] for r in runs if r["side"] == "trl" and r["repeat"] == i)
+                for i in sorted({r["repeat"] for r in runs})
+            ],
         }
     return {
         "case": name,
@@ -602,23 +649,51 @@ def markdown(res: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     row(f"{u}/s (median)", "per_s", "{:.2f}", "per_s")
+    row(f"{u}/s (best run)", "best_per_s", "{:.2f}", "best_per_s")
     row("training seconds (median)", "seconds", "{:.1f}")
     row("peak RSS MiB (median)", "peak_rss_mib", "{:.0f}", "peak_rss_mib")
     lines.append(
         "| runs | " + " | ".join(str(s[k]["runs"]) for k in sides) + (" | |" if "ratio" in s else " |")
     )
+    if "ratio" in s:
+        lines += [
+            "",
+            "align_runner / TRL per repeat: " + ", ".join(f"{x:.2f}x" for x in s["ratio"]["pairs"]) + ".",
+        ]
+    codes: dict[str, list[int]] = {}
+    for i, r in enumerate(res["runs"]):
+        if r["side"] == "align_runner" and r.get("code"):
+            codes.setdefault(_code(r["code"]), []).append(i + 1)
+    if len(codes) > 1:
+        lines += [
+            "",
+            "**Mixed code**: align_runner's sources changed between its runs ("
+            + "; ".join(f"run(s) {', '.join(map(str, idx))}: {k}" for k, idx in codes.items())
+            + "): its median mixes versions.",
+        ]
+    for note in res.get("notes", []):
+        lines += ["", f"**Note**: {note}"]
+    noisy = {k: s[k]["spread"] for k in sides if s[k]["spread"] > 1.2}
+    if noisy:
+        lines += [
+            "",
+            "**Noisy**: the fastest and slowest runs of a side differ by "
+            + ", ".join(f"{v:.2f}x ({k})" for k, v in noisy.items())
+            + ": the timings are noisy (other jobs on the CPUs, see the load averages, or runs too short)."
+            " Prefer the best-run and per-repeat ratios, or rerun on an idle machine with more --repeats.",
+        ]
     lines += [
         "",
         "Each run, in the order run:",
         "",
-        f"| # | side | {u}/s | seconds | steps | mean completion length | peak RSS MiB | load avg before |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        f"| # | side | {u}/s | seconds | steps | mean completion length | peak RSS MiB | load avg before | code |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for i, r in enumerate(res["runs"]):
         mcl = "" if r.get("mean_completion_length") is None else f"{r['mean_completion_length']:.1f}"
         load = "" if r.get("loadavg_before") is None else f"{r['loadavg_before']:.2f}"
         lines.append(
-            f"| {i + 1} | {r['side']} | {r['per_s']:.2f} | {r['seconds']:.1f} | {r['steps']} | {mcl} | {r['peak_rss_mib']:.0f} | {load} |"
+            f"| {i + 1} | {r['side']} | {r['per_s']:.2f} | {r['seconds']:.1f} | {r['steps']} | {mcl} | {r['peak_rss_mib']:.0f} | {load} | {_code(r.get('code'))} |"
         )
     timed = {r["side"]: r.get("timed", "") for r in res["runs"]}
     lines += ["", "Timed: " + "; ".join(f"{k}: {v}" for k, v in timed.items()) + "."]
@@ -639,11 +714,18 @@ def markdown(res: dict) -> str:
         "",
         f"Machine: {m['cpu_count']} CPUs ({m['cpus_usable']} usable, {m['cpu']}), {res['threads']} torch thread(s) per run, "
         f"torch {m['torch']}, transformers {m['transformers']}, TRL {m['trl']}, align_runner {m['align_runner']} "
-        f"({m['git_sha']}), Python {m['python']}; load average {_load(m.get('loadavg_start'))} at start, "
+        f"({m['git_sha']}{' + uncommitted changes' if m.get('git_dirty') else ''}), Python {m['python']}; load average {_load(m.get('loadavg_start'))} at start, "
         f"{_load(m.get('loadavg_end'))} at end.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _code(c: dict | None) -> str:
+    """align_runner's commit (+dirty) and source hash as a worker saw them."""
+    if not c:
+        return "not recorded"
+    return f"{c.get('git_sha')}{'+dirty' if c.get('dirty') else ''} {c.get('source_hash')}"
 
 
 def _load(v) -> str:
