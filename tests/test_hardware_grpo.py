@@ -15,8 +15,9 @@ from align_runner import api
 
 ROLLOUTS = ["algorithm.rollouts=3", "algorithm.num_iterations=2", "algorithm.loss.beta=0.05"]
 # gradients summed in another order (two micro-batches per process + all-reduce vs four in one) differ
-# in the last bits, which Adam turns into ~1e-6 on the weights after 6 steps (measured: 2e-6 on DDP)
-WEIGHT_ATOL = {"cpu_ddp2": 5e-6, "cpu_zero3": 5e-6, "cpu_fsdp2": 5e-6}
+# in the last bits, which Adam turns into up to ~1e-5 on the weights after 6 steps at lr 3e-3
+# (measured: 2e-6 DDP, 8.5e-6 ZeRO-3); a lost or doubled update would be off by ~lr
+WEIGHT_ATOL = {"cpu_ddp2": 2e-5, "cpu_zero3": 2e-5, "cpu_fsdp2": 2e-5}
 
 
 @pytest.mark.slow
@@ -39,4 +40,4 @@ def test_two_processes_train_on_the_rollouts_of_one(profile, tmp_path, model_cac
     assert w.keys() == ref_w.keys()
     assert max((w[k] - ref_w[k]).abs().max().item() for k in w) < WEIGHT_ATOL[profile]
     base = load_file(str(next(p for p in Path(model_cache).glob("tiny-*") if p.is_dir()) / "model.safetensors"))
-    assert max((w[k] - base[k]).abs().max().item() for k in w) > 100 * WEIGHT_ATOL[profile]  # it trained
+    assert max((w[k] - base[k]).abs().max().item() for k in w) > 50 * WEIGHT_ATOL[profile]  # it trained

@@ -36,7 +36,11 @@ def test_two_models_shard_and_match_one_process(profile, tmp_path, model_cache):
     evidence = json.loads((two / "evidence.json").read_text())
     assert sorted(evidence) == ["critic", "policy"]
     assert all(CHECKS[profile](e) for e in evidence.values()), evidence
-    for name in ("policy", "critic"):
+    for name, lr in (("policy", 1e-3), ("critic", 3e-3)):
         a, b = torch.load(two / f"{name}.pt"), torch.load(one / f"{name}.pt")
         assert a.keys() == b.keys()
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-6, name
+        # Sums in another order differ in the last bits, and Adam turns that into up to ~5% of lr on
+        # weights whose gradient is near 0 (measured under ZeRO-3: 5e-5 at lr 1e-3, in one matrix). A
+        # model sharing state with the other, or a lost update, is off by ~lr almost everywhere.
+        diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        assert diffs.max().item() < 0.2 * lr and diffs.mean().item() < 1e-3 * lr, (name, diffs.max(), diffs.mean())

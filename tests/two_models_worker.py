@@ -27,7 +27,8 @@ def main(profile: str, out: Path, cache: str) -> None:
     cfg = api.compose(["model=tiny", f"hardware={profile}", f"paths.cache={cache}", "train.lr=1e-3", "train.progress=false"])
     backend = get_backend(cfg.hardware)
     engine = Engine(cfg.train, backend, out_dir=out, seed=0, tracker=Tracker(out, stage="two", enabled=backend.is_main))
-    path = build_tiny(cache)
+    with backend.main_first():  # one process builds the cached model, the others then read it
+        path = build_tiny(cache)
     states = []
     # the second model brings its own train settings: nothing is shared between the two
     for name, lr in (("policy", 1e-3), ("critic", 3e-3)):
@@ -42,8 +43,9 @@ def main(profile: str, out: Path, cache: str) -> None:
     def rollout(i: int) -> Rollout:
         g = torch.Generator().manual_seed(i)
         rows = [{"input_ids": torch.randint(3, 500, (6 + j,), generator=g).tolist(), "loss_mask": [0, 0] + [1] * (4 + j)} for j in range(8)]
-        mine = rows[backend.rank :: backend.world_size]  # the same 8 rows per step, split over processes
-        return Rollout([[collate_sft(mine, pad_id=0)]], {})
+        # the same two micro-batches of 4 rows per step: one per process, or both accumulated on one
+        halves = [collate_sft(rows[h::2], pad_id=0) for h in range(2)]
+        return Rollout([halves[backend.rank :: backend.world_size]], {})
 
     fit_online(engine, updates=[Update(s, step) for s in states], rollouts=3, make_rollout=rollout, epochs=2)
     weights = {s.name: backend.full_state_dict(s.model) for s in states}
