@@ -17,6 +17,7 @@ from cli_runner import (
     wait_for_checkpoint,
     weights,
 )
+from safetensors.torch import load_file
 
 from align_runner import api
 from align_runner.pipeline.graph import build_graph
@@ -25,11 +26,11 @@ from align_runner.pipeline.store import DONE, StageStore
 from align_runner.validate import ConfigError, check_override_keys
 
 
-def grpo_overrides(outputs: Path, cache: str, *extra: str) -> list[str]:
-    """GRPO straight on the tiny base model, rewarded for even token ids."""
+def grpo_overrides(outputs: Path, cache: str, *extra: str, algorithm: str = "grpo") -> list[str]:
+    """GRPO (or a variant) straight on the tiny base model, rewarded for even token ids."""
     return [
         "model=tiny",
-        "algorithm=grpo",
+        f"algorithm={algorithm}",
         "algorithm.stages=[data_prep,grpo]",
         f"paths.outputs={outputs}",
         f"paths.cache={cache}",
@@ -239,3 +240,39 @@ def test_shared_prompt_layout_gives_the_same_logps_and_gradients(model_cache):
     (lp, g), (lp_shared, g_shared) = logps_and_grads(False), logps_and_grads(True)
     assert torch.allclose(lp, lp_shared, atol=1e-5)
     assert max((x - y).abs().max().item() for x, y in zip(g, g_shared)) < 1e-5
+
+
+def test_filtered_completions_weigh_nothing_and_count_no_items():
+    """Rows left out (zero-variance groups, truncated completions) keep their place in the batch but get
+    zero token weights and are not counted in num_items; the kept rows' weights are the aggregation's."""
+    from types import SimpleNamespace
+
+    from align_runner.algos.reduce import grpo
+    from align_runner.stages.grpo import GRPORollout
+
+    rollout = object.__new__(GRPORollout)
+    rollout.a = SimpleNamespace(share_prompts=False)
+    rollout.ctx = SimpleNamespace(train=SimpleNamespace(micro_batch_size=8))
+    rollout.tokenizer = SimpleNamespace(pad_token_id=0)
+    rollout.aggregation, rollout.needs_old, rollout.with_ref = grpo, False, False
+    examples = [
+        {"prompt_ids": [5, 6], "completion_ids": [7, 8], "advantages": 0.5, "keep": True},
+        {"prompt_ids": [5, 6], "completion_ids": [9], "advantages": 0.0, "keep": False},
+        {"prompt_ids": [5, 6], "completion_ids": [10, 11, 12, 13], "advantages": -0.5, "keep": True},
+    ]
+    (batch,) = rollout._batches(examples, {"max_completion_length": 4, "mean_completion_tokens": 2.0})
+    assert batch["num_items"] == 2.0  # two kept sequences
+    assert batch["completion_mask"][1].sum() == 0 and batch["weights"][1].sum() == 0
+    assert batch["weights"][0].tolist() == [0.5, 0.5, 0.0, 0.0]  # grpo: 1/|y| on the kept rows
+    assert batch["weights"][2].tolist() == [0.25] * 4
+
+
+@pytest.mark.parametrize("variant", ["dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"])
+def test_every_variant_trains(variant, tmp_path, model_cache):
+    out = tmp_path / "out"
+    result = api.run(grpo_overrides(out, model_cache, "algorithm.rollouts=2", algorithm=variant))
+    m = result.stage("grpo").metrics
+    assert m["completions/mean_length"] > 0 and "policy_loss" in m
+    before = load_file(str(next(p for p in Path(model_cache).glob("tiny-*") if p.is_dir()) / "model.safetensors"))
+    after = weights(stage_dir(out, "grpo"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it took optimizer steps

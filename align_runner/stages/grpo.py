@@ -25,6 +25,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from align_runner.algos.advantages import zero_std_groups
 from align_runner.algos.grpo import PolicyBatch
 from align_runner.algos.logprobs import token_logps
 from align_runner.algos.policy import entropy_from_logits
@@ -207,8 +208,6 @@ class GRPORollout:
         advantages = self.advantage(total, G)
         keep = torch.ones(size, dtype=torch.bool)
         if a.filter_zero_std_groups:
-            from align_runner.algos.advantages import zero_std_groups
-
             keep &= ~zero_std_groups(total, G)
         if a.mask_truncated_completions:
             keep &= ~truncated
