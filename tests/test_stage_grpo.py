@@ -100,6 +100,9 @@ def test_sigkill_mid_grpo_resumes_bitwise(tmp_path, model_cache):
     a, b = weights(stage), weights(stage_dir(clean, "grpo"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert metrics(stage) == metrics(stage_dir(clean, "grpo"))
+    # the killed attempt's samples past the checkpoint are dropped, not repeated
+    samples = (stage / "rollouts.jsonl").read_text()
+    assert samples == (stage_dir(clean, "grpo") / "rollouts.jsonl").read_text() and samples
 
 
 def test_reward_model_is_a_declared_input_whose_change_recomputes_grpo(tmp_path, model_cache):

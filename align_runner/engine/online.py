@@ -79,7 +79,7 @@ def fit_online(
         if done % t.log_every == 0 or done == rollouts:
             engine.tracker.log(row, step=done)
         result.metrics.update(row)
-        _write_samples(engine, done, rollout.samples)
+        _write_samples(engine, done, rollout.samples, first=i == start)
         bar.update(1)
         bar.set_postfix(reward=f"{row.get('reward', float('nan')):.3f}")
         if t.save_every > 0 and done % t.save_every == 0 and done < rollouts:
@@ -88,14 +88,14 @@ def fit_online(
     return result
 
 
-def _write_samples(engine: Engine, rollout: int, samples: list[dict[str, Any]]) -> None:
-    """Append a rollout's samples; the first rollout of a fresh start truncates what an earlier,
-    interrupted attempt left, and a resumed one drops that attempt's rollouts after the checkpoint."""
+def _write_samples(engine: Engine, rollout: int, samples: list[dict[str, Any]], *, first: bool) -> None:
+    """Append a rollout's samples. The first rollout this run computes drops what an earlier,
+    interrupted attempt wrote from that rollout on (all of it on a fresh start)."""
     if not engine.backend.is_main:
         return
     path = engine.out_dir / ROLLOUTS_FILE
-    keep = []
-    if path.exists() and rollout > 1:
-        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("rollout", 0) < rollout]
-    lines = keep + [json.dumps({"rollout": rollout, **s}) for s in samples]
-    path.write_text("".join(line + "\n" for line in lines))
+    if first:
+        old = path.read_text().splitlines() if path.exists() else []
+        path.write_text("".join(line + "\n" for line in old if json.loads(line).get("rollout", 0) < rollout))
+    with path.open("a") as f:
+        f.writelines(json.dumps({"rollout": rollout, **s}) + "\n" for s in samples)
