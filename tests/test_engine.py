@@ -147,3 +147,25 @@ def test_online_loop_trains_two_models_and_resumes_both(tmp_path):
     assert resumed[2][0].optimizer is not resumed[2][1].optimizer
     rows = read_metrics(tmp_path / "a" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and "critic/loss" in rows[-1] and "loss" in rows[-1]
+
+
+def test_a_step_with_no_items_anywhere_is_skipped_without_a_forward(tmp_path):
+    """Every completion filtered out (num_items 0 on every process): no forward, no update, no
+    scheduler step, and no error (DeepSpeed would otherwise be asked to discard gradients it has not got)."""
+    from align_runner.algos.types import LossOutput
+
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"lr": 1e-2, "progress": False})
+    backend = get_backend(OmegaConf.structured(HardwareConfig(name="cpu")))
+    engine = Engine(cfg, backend, out_dir=tmp_path, seed=0, tracker=Tracker(tmp_path, stage="t", enabled=True))
+    model = torch.nn.Linear(2, 1)
+    state = engine.setup(model, total_steps=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def step(m, batch):
+        calls.append(1)
+        return LossOutput(m(batch["x"]).sum(), {})
+
+    assert engine.train_step(state, step, [{"x": torch.ones(1, 2), "num_items": 0}]) is None
+    assert calls == [] and state.step == 0 and state.scheduler.last_epoch == 0
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))

@@ -46,18 +46,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    """``<root>/step-N/``: ``meta.pt`` (position, each model's scheduler and step count, the stage's
-    extra state), ``rng.pt`` (every rank's RNG states), ``metrics.jsonl`` and, per trained model, a
+    """``<root>/step-N/``: ``meta.pt`` (position, each model's scheduler and step count), ``rng.pt`` (every rank's RNG states), ``metrics.jsonl`` and, per trained model, a
     folder of the backend's model/optimizer files. Keeps the newest ``keep_last``."""
 
     def __init__(self, root: Path, *, keep_last: int, backend: Any):
         self.root = Path(root)
         self.keep_last = max(1, keep_last)
         self.backend = backend
-
-    def extra(self, directory: Path) -> Any:
-        """The ``extra`` object saved with the checkpoint in ``directory``."""
-        return torch.load(Path(directory) / META, map_location="cpu", weights_only=False)["extra"]
 
     def steps(self) -> list[int]:
         """Steps of complete checkpoints, oldest first (``.tmp`` folders are unfinished writes)."""
@@ -66,11 +61,11 @@ class CheckpointManager:
         done = [p for p in self.root.glob("step-*") if not p.name.endswith(".tmp") and (p / META).exists()]
         return sorted(int(p.name.split("-")[1]) for p in done)
 
-    def save(self, step: int, states: Sequence[Any], *, history: Path | None = None, extra: Any = None) -> None:
+    def save(self, step: int, states: Sequence[Any], *, history: Path | None = None) -> None:
         """Collective. ``step`` is the position to continue from (an optimizer step, or an online
         iteration); ``states`` are the stage's ``TrainState``s, each written to its own folder. The main
         process writes all but sharded model/optimizer state, which the backend has every rank write
-        its own part of. ``extra`` is any picklable state the stage needs back (main process only)."""
+        its own part of."""
         final = self.root / f"step-{step}"
         tmp = self.root / f"step-{step}.tmp"
         if self.backend.is_main:
@@ -91,7 +86,6 @@ class CheckpointManager:
             meta = {
                 "step": step,
                 "states": {s.name: {"scheduler": s.scheduler.state_dict(), "step": s.step} for s in states},
-                "extra": extra,
             }
             torch.save(meta, tmp / META)
         self.backend.barrier()

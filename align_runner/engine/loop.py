@@ -152,13 +152,15 @@ class Engine:
         self.evidence[name] = evidence
         return TrainState(name, wrapped, optimizer, scheduler, total_steps, evidence)
 
-    def restore(self, states: Sequence[TrainState]) -> tuple[int, Path | None]:
-        """Load the newest step checkpoint into ``states``: (position to continue from, its folder)."""
+    def restore(self, states: Sequence[TrainState], *, total: int, unit: str = "step") -> int:
+        """Load the newest step checkpoint into ``states`` and say so; returns the position (an optimizer
+        step, or a rollout: ``unit``) to continue from, 0 on a fresh start."""
         position, ckpt_dir = self.ckpt.restore(states)
         if ckpt_dir is not None:
             # metrics logged after the checkpoint by the interrupted run are dropped
             self.tracker.restore_history(ckpt_dir)
-        return position, ckpt_dir
+            self.tracker.log_text(f"{self.desc}: resumed from {unit} {position}/{total} ({ckpt_dir})")
+        return position
 
     # -------------------------------------------------------------------------------- train_step
     def train_step(self, state: TrainState, step: StepFn, batches: Sequence[Batch]) -> dict[str, float] | None:
@@ -173,6 +175,8 @@ class Engine:
         state.model.train()
         local_items = sum(float(b["num_items"]) for b in batches)
         global_items = float(backend.all_reduce_sum(torch.tensor(local_items)).item())
+        if global_items == 0:  # e.g. every group filtered out: nothing to learn from (all ranks agree)
+            return None
         sums: dict[str, float] = {}
         loss_total = torch.zeros((), device=backend.device)
         for j, batch in enumerate(batches):
@@ -188,10 +192,8 @@ class Engine:
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / len(batches)
         step_loss = float(backend.all_reduce_sum(loss_total).item())
-        if global_items == 0 or not math.isfinite(step_loss):
+        if not math.isfinite(step_loss):
             backend.discard_gradients(state.model, state.optimizer)
-            if global_items == 0:  # e.g. every group filtered out: nothing to learn from, not an error
-                return None
             state.nonfinite += 1
             # skipped steps still use up their batches: number them as positions in the schedule
             at = state.step + state.nonfinite
@@ -207,10 +209,6 @@ class Engine:
         state.scheduler.step()
         state.step += 1
         return {"loss": step_loss, "lr": state.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), **sums}
-
-    @staticmethod
-    def clock() -> float:
-        return time.perf_counter()
 
     def throughput(self, row: dict[str, float], since: float) -> float:
         """Adds ``tokens_per_s`` (tokens trained on since the mark ``since``) to ``row``; returns the
@@ -252,14 +250,11 @@ class Engine:
         steps_per_epoch, total = self._plan(len(train_data))
         state = self.setup(model, total_steps=total, params=params)
         self.model = state.model
-        start, ckpt_dir = self.restore([state])
-        state.step = start
+        start = self.restore([state], total=total)
         result = FitResult(steps=total, resumed_from=start)
-        if ckpt_dir is not None:
-            self.tracker.log_text(f"{self.desc}: resumed from step {start}/{total} ({ckpt_dir})")
 
         bar = self.progress(total, start)
-        mark = self.clock()
+        mark = time.perf_counter()
         for s in range(start, total):
             batches = [collate([train_data[i] for i in mb]) for mb in self._step_batches(len(train_data), s, steps_per_epoch)]
             row = self.train_step(state, step, batches)

@@ -12,6 +12,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,12 +56,10 @@ def fit_online(
     the steps' metrics, the first model's unprefixed and the others' under ``<name>/``)."""
     t = engine.train
     states = [u.state for u in updates]
-    start, ckpt_dir = engine.restore(states)
+    start = engine.restore(states, total=rollouts, unit="rollout")
     result = FitResult(steps=rollouts, resumed_from=start)
-    if ckpt_dir is not None:
-        engine.tracker.log_text(f"{engine.desc}: resumed from rollout {start}/{rollouts} ({ckpt_dir})")
     bar = engine.progress(rollouts, start)
-    mark = engine.clock()
+    mark = time.perf_counter()
     for i in range(start, rollouts):
         rollout = make_rollout(i)
         sums: dict[str, float] = {}
