@@ -56,6 +56,8 @@ class StageKind:
     inputs: role -> ``Input``: what else it reads. Its key covers each input's key, and the stage's
     context hands it exactly these (plus ``data`` and ``model``), nothing else.
     key_metrics: metrics worth a column in the end-of-run table, in order.
+    check: ``check(cfg, spec)``, run when the graph is built (before any model loads): raises a
+    ConfigError for settings of this kind that cannot work together.
     """
 
     name: str
@@ -65,6 +67,7 @@ class StageKind:
     policy: bool = True
     inputs: Mapping[str, Input] = field(default_factory=dict)
     key_metrics: tuple[str, ...] = ()
+    check: Callable[[Any, Any], None] | None = None
 
 
 _STAGES: dict[str, StageKind] = {}
@@ -79,13 +82,14 @@ def register_stage(
     policy: bool = True,
     inputs: Mapping[str, Input] | None = None,
     key_metrics: tuple[str, ...] = (),
+    check: Callable[[Any, Any], None] | None = None,
 ):
     """Decorator registering a stage function under ``name`` (fields as in ``StageKind``)."""
 
     def deco(fn):
         if name in _STAGES and _STAGES[name].fn is not fn:
             raise ValueError(f"stage kind {name!r} is registered twice ({_STAGES[name].fn} and {fn})")
-        _STAGES[name] = StageKind(name, fn, trains, tuple(views), policy, dict(inputs or {}), tuple(key_metrics))
+        _STAGES[name] = StageKind(name, fn, trains, tuple(views), policy, dict(inputs or {}), tuple(key_metrics), check)
         return fn
 
     return deco

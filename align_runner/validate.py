@@ -161,7 +161,8 @@ def check_targets(cfg: DictConfig) -> None:
                 )
 
 
-def _require(ok: bool, key: str, expected: str, value: Any) -> None:
+def require(ok: bool, key: str, expected: str, value: Any) -> None:
+    """Raise ConfigError naming ``key``, its ``value`` and what was ``expected`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}={value!r}: expected {expected}")
 
@@ -173,47 +174,23 @@ def check_values(cfg: DictConfig) -> None:
         if section is not None and section.get("train"):
             trains.append((f"{node}.train", schema.stage_train(cfg, section)))
     for where, t in trains:
-        _require(t.lr > 0, f"{where}.lr", "a positive learning rate", t.lr)
-        _require(t.micro_batch_size >= 1, f"{where}.micro_batch_size", "an integer >= 1", t.micro_batch_size)
-        _require(t.grad_accum >= 1, f"{where}.grad_accum", "an integer >= 1", t.grad_accum)
-        _require(t.max_steps > 0 or t.epochs > 0, f"{where}.epochs", "> 0 (or train.max_steps > 0)", t.epochs)
-        _require(0 <= t.warmup_ratio <= 1, f"{where}.warmup_ratio", "a fraction in [0, 1]", t.warmup_ratio)
-        _require(t.log_every >= 1, f"{where}.log_every", "an integer >= 1", t.log_every)
+        require(t.lr > 0, f"{where}.lr", "a positive learning rate", t.lr)
+        require(t.micro_batch_size >= 1, f"{where}.micro_batch_size", "an integer >= 1", t.micro_batch_size)
+        require(t.grad_accum >= 1, f"{where}.grad_accum", "an integer >= 1", t.grad_accum)
+        require(t.max_steps > 0 or t.epochs > 0, f"{where}.epochs", "> 0 (or train.max_steps > 0)", t.epochs)
+        require(0 <= t.warmup_ratio <= 1, f"{where}.warmup_ratio", "a fraction in [0, 1]", t.warmup_ratio)
+        require(t.log_every >= 1, f"{where}.log_every", "an integer >= 1", t.log_every)
     hw = cfg.hardware
-    _require(hw.num_processes >= 1, "hardware.num_processes", "an integer >= 1", hw.num_processes)
-    _require(hw.num_nodes >= 1, "hardware.num_nodes", "an integer >= 1", hw.num_nodes)
-    _require(cfg.data.max_length > 0, "data.max_length", "a positive token count", cfg.data.max_length)
-    _require(
+    require(hw.num_processes >= 1, "hardware.num_processes", "an integer >= 1", hw.num_processes)
+    require(hw.num_nodes >= 1, "hardware.num_nodes", "an integer >= 1", hw.num_nodes)
+    require(cfg.data.max_length > 0, "data.max_length", "a positive token count", cfg.data.max_length)
+    require(
         cfg.model.quantization in (None, "4bit", "8bit"), "model.quantization", "null, '4bit' or '8bit'", cfg.model.quantization
     )
     _check_hardware(cfg)
-    if "num_generations" in cfg.algorithm:
-        _check_online(cfg.algorithm, int(hw.num_processes) * int(hw.num_nodes))
     known = {"tensorboard", "wandb"}
     for b in cfg.tracking.backends:
-        _require(b in known, "tracking.backends", f"a list drawn from {sorted(known)}", list(cfg.tracking.backends))
-
-
-def _check_online(a: DictConfig, world: int) -> None:
-    """An online-RL algorithm's sizes fit together (schema: config.OnlineAlgorithmConfig)."""
-    _require(a.num_generations >= 2, "algorithm.num_generations", "an integer >= 2 (advantages compare the completions of one prompt)", a.num_generations)
-    for key in ("rollouts", "steps_per_rollout", "num_iterations", "prompts_per_rollout"):
-        _require(a[key] >= 1, f"algorithm.{key}", "an integer >= 1", a[key])
-    blocks = int(a.steps_per_rollout) * world
-    _require(
-        a.prompts_per_rollout % blocks == 0,
-        "algorithm.prompts_per_rollout",
-        f"a multiple of steps_per_rollout x processes = {a.steps_per_rollout} x {world} (each step's prompts are "
-        "dealt out to the processes in equal blocks)",
-        a.prompts_per_rollout,
-    )
-    g = a.generation
-    _require(g.max_new_tokens >= 1, "algorithm.generation.max_new_tokens", "an integer >= 1", g.max_new_tokens)
-    _require(g.temperature >= 0, "algorithm.generation.temperature", ">= 0 (0 = greedy)", g.temperature)
-    _require(0 < g.top_p <= 1, "algorithm.generation.top_p", "a probability in (0, 1]", g.top_p)
-    _require(g.top_k >= 0, "algorithm.generation.top_k", "an integer >= 0 (0 = off)", g.top_k)
-    _require(0 <= g.min_p < 1, "algorithm.generation.min_p", "a fraction in [0, 1)", g.min_p)
-    _require(g.batch_size >= 1, "algorithm.generation.batch_size", "an integer >= 1", g.batch_size)
+        require(b in known, "tracking.backends", f"a list drawn from {sorted(known)}", list(cfg.tracking.backends))
 
 
 def _check_hardware(cfg: DictConfig) -> None:
@@ -224,7 +201,7 @@ def _check_hardware(cfg: DictConfig) -> None:
 
     hw = cfg.hardware
     if str(hw.backend) == "deepspeed":
-        _require(hw.zero_stage in (1, 2, 3), "hardware.zero_stage", "1, 2 or 3 with backend=deepspeed", hw.zero_stage)
+        require(hw.zero_stage in (1, 2, 3), "hardware.zero_stage", "1, 2 or 3 with backend=deepspeed", hw.zero_stage)
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(f"hardware={hw.name} uses DeepSpeed, which is not installed: pip install 'align-runner[deepspeed]'")
     try:

@@ -107,6 +107,7 @@ def test_sigkill_mid_grpo_resumes_bitwise(tmp_path, model_cache):
 
 def test_reward_model_is_a_declared_input_whose_change_recomputes_grpo(tmp_path, model_cache):
     base = ["model=tiny", "algorithm=grpo_rm", f"paths.outputs={tmp_path}", f"paths.cache={model_cache}"]
+    api.compose([*base, "~algorithm.rewards.accuracy"])  # the reward model alone is enough to score with
     specs = {s.name: s for s in build_graph(api.compose(base))}
     assert [s for s in specs] == ["data_prep", "sft", "reward", "eval_before", "grpo", "eval_after"]
     # the grpo stage sees its data, its starting model and the reward model: nothing else
@@ -154,6 +155,7 @@ def test_per_algorithm_keys_are_checked_when_composed():
         ("algorithm.num_generations=1", "algorithm.num_generations"),
         ("algorithm.prompts_per_rollout=6", "algorithm.prompts_per_rollout"),  # not a multiple of 4 steps
         ("algorithm.loss.bta=0.1", "Did you mean 'beta'"),
+        ("~algorithm.rewards.accuracy", "at least one reward function, or a reward stage"),
     ],
 )
 def test_bad_grpo_config_fails_before_loading(override, message, model_cache, tmp_path):
@@ -195,7 +197,7 @@ def test_completion_log_probs_match_the_unpadded_sequences(model_cache):
     from align_runner.engine.backend import get_backend
     from align_runner.models.loading import load_causal_lm
     from align_runner.models.tiny import build_tiny
-    from align_runner.stages.grpo import rollout_logps
+    from align_runner.stages.grpo import completion_logps
 
     model = load_causal_lm(build_tiny(model_cache))
     rows = [
@@ -207,11 +209,13 @@ def test_completion_log_probs_match_the_unpadded_sequences(model_cache):
     assert batch["input_ids"].shape == (3, 5 + 4)
     assert batch["completion_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert batch["position_ids"][1].tolist()[3:7] == [0, 1, 2, 3]  # two pads, then real positions
-    got = rollout_logps(model, batch, get_backend(api.compose(["model=tiny"]).hardware))
+    got = completion_logps(model, batch, get_backend(api.compose(["model=tiny"]).hardware))
     for row, lps in zip(rows, got):
+        n = len(row["completion_ids"])
         ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
-        want = shifted_token_logps(model(input_ids=ids).logits, ids)[0, -len(row["completion_ids"]) :]
-        assert lps == pytest.approx(want.tolist(), abs=1e-5)
+        want = shifted_token_logps(model(input_ids=ids).logits, ids)[0, -n:]
+        assert lps[:n].tolist() == pytest.approx(want.tolist(), abs=1e-5)
+        assert not lps[n:].any()  # padding carries 0
 
 
 def test_shared_prompt_layout_gives_the_same_logps_and_gradients(model_cache):

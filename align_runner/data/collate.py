@@ -126,8 +126,7 @@ def collate_completions(examples: Sequence[Mapping], pad_id: int, *, share_promp
     Returns ``input_ids`` / ``attention_mask`` / ``position_ids`` (B, P + C) (positions count real
     tokens only, as in generation), ``completion_ids`` and ``completion_mask`` (B, C). The logits at
     columns P-1 .. P+C-2 predict the completion tokens, so a forward with ``logits_to_keep=C + 1`` has
-    the LM head run on those columns alone. Per-completion-token lists (``old_logps``, ``ref_logps``)
-    become (B, C) float tensors; scalar fields become (B,) tensors.
+    the LM head run on those columns alone. Scalar fields become (B,) tensors.
 
     ``share_prompts`` replaces the model inputs with the shared-prompt layout (``_shared_prompt_layout``):
     the completions of one prompt in one packed row, the prompt computed once.
@@ -151,13 +150,7 @@ def collate_completions(examples: Sequence[Mapping], pad_id: int, *, share_promp
     }
     if share_prompts:
         batch.update(_shared_prompt_layout(prompts, completions, c_width, pad_id))
-    for key in ("old_logps", "ref_logps"):
-        if examples[0].get(key) is not None:
-            values = torch.zeros((len(examples), c_width), dtype=torch.float32)
-            for i, e in enumerate(examples):
-                values[i, : len(e[key])] = torch.as_tensor(e[key], dtype=torch.float32)
-            batch[key] = values
-    skip = {"prompt_ids", "completion_ids", "old_logps", "ref_logps"}
+    skip = {"prompt_ids", "completion_ids"}
     batch.update(_extra_fields(examples, skip, tensors=True))
     return batch
 

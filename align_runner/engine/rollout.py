@@ -32,7 +32,7 @@ def generate(
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -78,7 +78,9 @@ def _decode_kwargs(model) -> tuple[str, dict]:
     return ("cache" if "cache" in params else "past_key_values"), extra
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Tokens that end a completion: the model's generation config's (e.g. ``<|im_end|>``) and the
+    tokenizer's EOS."""
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:

@@ -101,6 +101,8 @@ def _check(specs: list[StageSpec], cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, s.config) is None:
             raise PipelineConfigError(f"stage {s.name!r}: config node {s.config!r} does not exist")
         _check_inputs(s, kind.inputs, earlier)
+        if kind.check is not None:
+            kind.check(cfg, s)
         earlier[s.name] = s
 
 

@@ -16,7 +16,6 @@ completions/{mean,min,max}_length, completions/clipped_ratio, kl, entropy, clip_
 
 from __future__ import annotations
 
-import contextlib
 import math
 from functools import partial
 from typing import Any
@@ -33,10 +32,11 @@ from align_runner.algos.rewards import reward_metrics, score_completions
 from align_runner.data.collate import collate_completions
 from align_runner.engine.loop import schedule_indices
 from align_runner.engine.online import Rollout, Update, fit_online
-from align_runner.engine.rollout import Generator, row_seed
+from align_runner.engine.rollout import Generator, eos_token_ids, row_seed
 from align_runner.models.peft import is_peft_model, reference_mode
 from align_runner.registry import Input, register_stage
 from align_runner.stages.context import StageContext
+from align_runner.validate import require
 
 
 def completion_logits(model, batch: dict):
@@ -77,13 +77,13 @@ def grpo_step(model, batch: dict, *, loss_fn):
 
 
 @torch.no_grad()
-def rollout_logps(model, batch: dict, backend) -> list[list[float]]:
-    """Per completion token log-probs of ``model`` on a collated batch, one list per row."""
-    batch = {k: v.to(backend.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def completion_logps(model, batch: dict, backend) -> torch.Tensor:
+    """Log-probs (B, C) of a collated batch's completion tokens under ``model`` (0 on padding), on the
+    CPU: the old policy's or the reference's, kept with the batch for its optimizer steps."""
+    on_device = {k: v.to(backend.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with backend.autocast():
-        logps = token_logps(completion_logits(model, batch), batch["completion_ids"]).float().cpu()
-    mask = batch["completion_mask"].cpu().bool()
-    return [row[m].tolist() for row, m in zip(logps, mask)]
+        logps = token_logps(completion_logits(model, on_device), on_device["completion_ids"])
+    return (logps.float() * on_device["completion_mask"]).cpu()
 
 
 def rank_prompts(order: list[int], steps: int, rank: int, world: int) -> list[list[tuple[int, int]]]:
@@ -116,9 +116,34 @@ def _rewards(ctx: StageContext) -> dict[str, Any]:
         funcs["reward_model"] = RewardModelScorer(
             ctx.input_dir("reward_model"), device=ctx.backend.device, dtype=ctx.dtype
         )
-    if not funcs:
-        raise ValueError("algorithm.rewards is empty and the pipeline has no reward stage: nothing to score with")
     return funcs
+
+
+def check_grpo(cfg, spec) -> None:
+    """Compose-time check: the sizes fit together and something scores the completions."""
+    a, hw = OmegaConf.select(cfg, spec.config), cfg.hardware
+    world = int(hw.num_processes) * int(hw.num_nodes)
+    where = spec.config
+    require(a.num_generations >= 2, f"{where}.num_generations", "an integer >= 2 (advantages compare the completions of one prompt)", a.num_generations)
+    for key in ("rollouts", "steps_per_rollout", "num_iterations", "prompts_per_rollout"):
+        require(a[key] >= 1, f"{where}.{key}", "an integer >= 1", a[key])
+    blocks = int(a.steps_per_rollout) * world
+    require(
+        a.prompts_per_rollout % blocks == 0,
+        f"{where}.prompts_per_rollout",
+        f"a multiple of steps_per_rollout x processes = {a.steps_per_rollout} x {world} (each step's prompts are "
+        "dealt out to the processes in equal blocks)",
+        a.prompts_per_rollout,
+    )
+    g = a.generation
+    require(g.max_new_tokens >= 1, f"{where}.generation.max_new_tokens", "an integer >= 1", g.max_new_tokens)
+    require(g.temperature >= 0, f"{where}.generation.temperature", ">= 0 (0 = greedy)", g.temperature)
+    require(0 < g.top_p <= 1, f"{where}.generation.top_p", "a probability in (0, 1]", g.top_p)
+    require(g.top_k >= 0, f"{where}.generation.top_k", "an integer >= 0 (0 = off)", g.top_k)
+    require(0 <= g.min_p < 1, f"{where}.generation.min_p", "a fraction in [0, 1)", g.min_p)
+    require(g.batch_size >= 1, f"{where}.generation.batch_size", "an integer >= 1", g.batch_size)
+    scorers = dict(a.rewards) or {k: v for k, v in spec.inputs if k == "reward_model"}
+    require(bool(scorers), f"{where}.rewards", "at least one reward function, or a reward stage in the pipeline", {})
 
 
 @register_stage(
@@ -127,6 +152,7 @@ def _rewards(ctx: StageContext) -> dict[str, Any]:
     views=("prompt",),
     inputs={"reward_model": Input("reward", required=False, what="its reward model")},
     key_metrics=("reward", "reward_std", "completions/mean_length", "frac_reward_zero_std"),
+    check=check_grpo,
 )
 def run_grpo(ctx: StageContext) -> dict[str, float]:
     a, backend = ctx.section, ctx.backend
@@ -166,7 +192,7 @@ class GRPORollout:
             raise ValueError("the prompt view's train split is empty; GRPO has nothing to sample from")
         g = a.generation
         self.generator = Generator(
-            eos_ids=_eos_ids(tokenizer, ctx.input_model_path()),
+            eos_ids=eos_token_ids(ctx.backend.unwrap(state.model), tokenizer),
             pad_id=tokenizer.pad_token_id,
             max_new_tokens=int(g.max_new_tokens),
             temperature=float(g.temperature),
@@ -269,14 +295,11 @@ class GRPORollout:
         collate = partial(collate_completions, pad_id=self.tokenizer.pad_token_id, share_prompts=bool(self.a.share_prompts))
         batches = []
         for start in range(0, len(examples), mb):
-            chunk = examples[start : start + mb]
+            batch = collate(examples[start : start + mb])
             if self.needs_old:
-                for e, lp in zip(chunk, rollout_logps(self.state.model, collate(chunk), self.backend)):
-                    e["old_logps"] = lp
+                batch["old_logps"] = completion_logps(self.state.model, batch, self.backend)
             if self.with_ref:
-                for e, lp in zip(chunk, self._ref_logps(collate(chunk))):
-                    e["ref_logps"] = lp
-            batch = collate(chunk)
+                batch["ref_logps"] = self._ref_logps(batch)
             keep = torch.tensor(batch.pop("keep"), dtype=torch.bool)
             mask = batch["completion_mask"] * keep[:, None]
             weights, num_items = torch.zeros(mask.shape), 0.0
@@ -287,18 +310,9 @@ class GRPORollout:
             batches.append(batch)
         return batches
 
-    def _ref_logps(self, batch: dict) -> list[list[float]]:
+    def _ref_logps(self, batch: dict) -> torch.Tensor:
         if self.reference is not None:
-            return rollout_logps(self.reference, batch, self.backend)
+            return completion_logps(self.reference, batch, self.backend)
         with reference_mode(self.backend.unwrap(self.state.model)):
-            return rollout_logps(self.state.model, batch, self.backend)
+            return completion_logps(self.state.model, batch, self.backend)
 
-def _eos_ids(tokenizer, model_path: str) -> list[int]:
-    """Tokens that end a completion: the tokenizer's EOS and the generation config's (e.g. <|im_end|>)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    with contextlib.suppress(OSError, ValueError):
-        from transformers import GenerationConfig
-
-        extra = GenerationConfig.from_pretrained(model_path).eos_token_id
-        ids += [e for e in ([extra] if isinstance(extra, int) else list(extra or [])) if e not in ids]
-    return ids
