@@ -1,5 +1,5 @@
-"""Rollout generation: batched Hugging Face ``generate`` for eval, and ``Generator``, the seeded
-KV-cache sampler online RL (GRPO, PPO) draws its rollouts from."""
+"""Rollout generation: ``Generator``, the seeded KV-cache sampler online RL (GRPO, PPO) draws its
+rollouts from, and ``generate``, eval's use of it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from tqdm.auto import tqdm
 
 
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -25,46 +24,19 @@ def generate(
     progress: bool = True,
     desc: str = "generate",
 ) -> list[list[int]]:
-    """Completion token ids for each prompt (prompt excluded, cut after the first EOS).
-
-    Prompts are left-padded per batch so every row's last prompt token sits at the same position,
-    which is what decoder-only ``generate`` needs. temperature 0 means greedy.
-    """
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = eos_token_ids(model, tokenizer)
-    was_training = model.training
-    model.eval()
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    out: list[list[int]] = []
-    batches = range(0, len(prompt_ids), batch_size)
-    for start in tqdm(batches, desc=desc, disable=not progress, dynamic_ncols=True):
-        chunk = prompt_ids[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention[i, width - len(p) :] = 1
-        sampling = temperature > 0
-        if sampling:
-            # generate() draws from the global RNG; seed it per batch so rollouts are reproducible.
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            temperature=temperature if sampling else None,
-            top_p=top_p if sampling else None,
-            top_k=None,
-            pad_token_id=pad_id,
-            eos_token_id=eos_ids,
-        )
-        for row in generated[:, width:].tolist():
-            out.append(_cut_at_eos(row, set(eos_ids)))
-    model.train(was_training)
-    return out
+    """Completion token ids for each prompt (prompt excluded, ending with the EOS it stopped at), for
+    eval: the ``Generator`` online RL samples with, row i seeded from (seed, i). temperature 0 is greedy
+    (what Hugging Face ``generate`` gives, test_rollout_generator)."""
+    generator = Generator(
+        eos_ids=eos_token_ids(model, tokenizer),
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+    )
+    seeds = [row_seed(seed, i) for i in range(len(prompt_ids))]
+    return [c.ids for c in generator.generate(model, prompt_ids, seeds, progress=progress, desc=desc)]
 
 
 def _decode_kwargs(model) -> tuple[str, dict]:
@@ -172,7 +144,14 @@ class Generator:
 
     @torch.no_grad()
     def generate(
-        self, model, prompts: Sequence[Sequence[int]], seeds: Sequence[int], *, sync: Callable[[bool], bool] | None = None
+        self,
+        model,
+        prompts: Sequence[Sequence[int]],
+        seeds: Sequence[int],
+        *,
+        sync: Callable[[bool], bool] | None = None,
+        progress: bool = False,
+        desc: str = "generate",
     ) -> list[Completion]:
         """One completion per prompt, ``seeds[i]`` seeding row i. ``sync(local_done) -> all_done`` makes
         the decode loop collective (every process calls it once per step)."""
@@ -181,7 +160,8 @@ class Generator:
         was_training = model.training
         model.eval()
         out: list[Completion] = []
-        for start in range(0, len(prompts), self.batch_size):
+        starts = range(0, len(prompts), self.batch_size)
+        for start in tqdm(starts, desc=desc, disable=not progress, dynamic_ncols=True):
             out += self._batch(model, prompts[start : start + self.batch_size], seeds[start : start + self.batch_size], sync)
         model.train(was_training)
         return out
