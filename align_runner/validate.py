@@ -61,14 +61,16 @@ def algorithm_schema(choice: str) -> type:
     return schema.AlgorithmConfig
 
 
-def _selected_algorithm(overrides: Iterable[str]) -> str:
-    """The algorithm group option the command line picks (the root config's default otherwise)."""
-    choice = "sft"
+def _selected_algorithms(overrides: Iterable[str]) -> list[str]:
+    """The algorithm option(s) the command line picks (a sweep picks several); the root config's
+    default otherwise."""
+    root = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")).get("defaults", [])
+    choices = [str(d["algorithm"]) for d in root if isinstance(d, dict) and "algorithm" in d]
     for ov in overrides:
         key, _, value = ov.lstrip("+").partition("=")
-        if key == "algorithm" and value and "," not in value:
-            choice = value
-    return choice
+        if key == "algorithm" and value:
+            choices = [v.strip() for v in value.split(",") if v.strip()]
+    return choices
 
 
 def check_override_key(key: str, algorithm: type = schema.AlgorithmConfig) -> None:
@@ -94,11 +96,23 @@ def _groups() -> dict[str, list[str]]:
     }
 
 
+def _check_for_any(key: str, algorithms: list[type]) -> None:
+    """``key`` must exist under at least one selected algorithm's schema (a sweep over dpo,grpo may set
+    keys of either); the error is the one with a suggestion, if any schema has one."""
+    errors = []
+    for algorithm in algorithms or [schema.AlgorithmConfig]:
+        try:
+            return check_override_key(key, algorithm)
+        except ConfigError as e:
+            errors.append(e)
+    raise next((e for e in errors if "Did you mean" in str(e)), errors[0])
+
+
 def check_override_keys(overrides: Iterable[str]) -> None:
     """Check command-line overrides: group choices against the files, dotted keys against the schema."""
     groups = _groups()
     overrides = list(overrides)
-    algorithm = algorithm_schema(_selected_algorithm(overrides))
+    algorithms = [algorithm_schema(c) for c in _selected_algorithms(overrides)]
     for ov in overrides:
         if ov.startswith(("-", "+", "~")) or "=" not in ov:
             continue  # flags, additions and deletions are the user's explicit choice
@@ -116,7 +130,7 @@ def check_override_keys(overrides: Iterable[str]) -> None:
                         f"Valid options: {', '.join(choices)}"
                     )
             continue
-        check_override_key(key, algorithm)
+        _check_for_any(key, algorithms)
 
 
 # ------------------------------------------------------------------------------------- composed

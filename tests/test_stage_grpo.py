@@ -147,6 +147,12 @@ def test_per_algorithm_keys_are_checked_when_composed():
         check_override_keys(["algorithm=dapo", "algorithm.generation.max_new_token=4"])
     with pytest.raises(ConfigError, match="num_generations"):
         check_override_keys(["algorithm=sft", "algorithm.num_generations=4"])  # not an SFT key
+    with pytest.raises(ConfigError, match="num_generations"):
+        check_override_keys(["algorithm.num_generations=4"])  # the root default algorithm is sft
+    # a sweep over algorithms accepts a key of any of them, and still suggests for typos
+    check_override_keys(["algorithm=dpo,grpo", "algorithm.num_generations=4", "algorithm.reference.batch_size=4"])
+    with pytest.raises(ConfigError, match="Did you mean 'num_generations'"):
+        check_override_keys(["algorithm=dpo,grpo", "algorithm.num_generatons=4"])
 
 
 @pytest.mark.parametrize(
