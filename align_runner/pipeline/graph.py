@@ -54,9 +54,8 @@ def _auto(cfg: DictConfig) -> list[StageSpec]:
         inputs: dict[str, str] = {}
         for role, inp in stage.inputs.items():
             if inp.derived is not None:
-                node = f"{config}.{inp.derived}"
-                name = str(OmegaConf.select(cfg, f"{node}.stage"))
-                specs.append(StageSpec(name, inp.kind, config=node, model_from=model_from))
+                name = str(_derived_stage(cfg, config, inp))
+                specs.append(StageSpec(name, inp.kind, config=f"{config}.{inp.derived}", model_from=model_from))
                 inputs[role] = name
                 continue
             provider = next((s.name for s in reversed(specs) if s.kind == inp.kind), None)
@@ -76,11 +75,16 @@ def _explicit(stages: Any, cfg: DictConfig) -> list[StageSpec]:
         inputs = dict(s.inputs or {})
         for role, inp in get_stage(s.kind).inputs.items():
             if inp.derived is not None and role not in inputs:  # named in the stage's config, as in auto
-                name = OmegaConf.select(cfg, f"{s.config}.{inp.derived}.stage")
+                name = _derived_stage(cfg, s.config, inp)
                 if name is not None:
                     inputs[role] = str(name)
         specs.append(StageSpec(s.name, s.kind, config=s.config, model_from=s.model_from, inputs=tuple(sorted(inputs.items()))))
     return specs
+
+
+def _derived_stage(cfg: DictConfig, config: str, inp: Input) -> Any:
+    """The name a stage's config gives the provider of a derived input (``algorithm.reference.stage``)."""
+    return OmegaConf.select(cfg, f"{config}.{inp.derived}.stage")
 
 
 def _check(specs: list[StageSpec], cfg: DictConfig) -> None:
