@@ -30,6 +30,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import align_runner
 from align_runner.config import register_configs
 from align_runner.validate import CONF_DIR, ConfigError, check_override_keys, check_values, validate
 
@@ -164,8 +165,25 @@ def _rank_overrides(argv: list[str]) -> list[str]:
     return extra
 
 
+# `align-runner <command> ...`: commands other than the native Hydra form, each a module with main(argv)
+COMMANDS = {
+    "sft": "align_runner.trl.cli",
+    "dpo": "align_runner.trl.cli",
+    "reward": "align_runner.trl.cli",
+    "grpo": "align_runner.trl.cli",
+    "export": "align_runner.export",
+}
+
+
 def main() -> None:
     argv = sys.argv[1:]
+    if argv and argv[0] in COMMANDS:
+        import importlib
+
+        sys.exit(importlib.import_module(COMMANDS[argv[0]]).main(argv))
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"align_runner {align_runner.__version__}")
+        return
     try:
         check_override_keys(_overrides(argv))
         multirun = "-m" in argv or "--multirun" in argv

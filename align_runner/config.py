@@ -1,6 +1,6 @@
 """Structured config schemas.
 
-Every group in ``conf/`` is typed by a dataclass registered here, so Hydra rejects a misspelt key or a
+Every group in ``align_runner/conf/`` is typed by a dataclass registered here, so Hydra rejects a misspelt key or a
 value of the wrong type while composing, before any model loads. Choices that are a closed set are
 Enums (OmegaConf lists the valid values in its error). Components are ``_target_`` nodes typed ``Any``;
 ``align_runner.validate`` checks their keyword names against the callable's signature.

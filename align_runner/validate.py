@@ -29,7 +29,7 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names it and what is valid."""
 
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 
@@ -126,7 +126,7 @@ def check_override_keys(overrides: Iterable[str]) -> None:
                 v = v.strip()
                 if v and v != "null" and v not in choices and not any(c in v for c in "()[]{}$*"):
                     raise ConfigError(
-                        f"{group}={v}: no such option in conf/{group}/.{' Did you mean ' + repr(m[0]) + '?' if (m := difflib.get_close_matches(v, choices, n=1)) else ''} "
+                        f"{group}={v}: no such option in {group}/.{' Did you mean ' + repr(m[0]) + '?' if (m := difflib.get_close_matches(v, choices, n=1)) else ''} "
                         f"Valid options: {', '.join(choices)}"
                     )
             continue

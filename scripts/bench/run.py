@@ -450,7 +450,7 @@ def code_fingerprint() -> dict:
     import hashlib
 
     h = hashlib.sha256()
-    for root in ("align_runner", "conf"):
+    for root in ("align_runner",):
         for f in sorted((REPO / root).rglob("*")):
             if f.suffix in (".py", ".yaml") and f.is_file():
                 h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes() + b"\0")
@@ -500,7 +500,7 @@ def _git_dirty() -> bool | None:
     """Whether align_runner's tracked sources or configs differ from the commit (the measured code is the working tree)."""
     try:
         out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "align_runner", "conf"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "align_runner"],
             cwd=REPO,
             capture_output=True,
             text=True,
