@@ -20,27 +20,57 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 from align_runner.config import register_configs
-from align_runner.validate import CONF_DIR, ConfigError, check_override_keys, check_targets, validate
+from align_runner.validate import (
+    CONF_DIR,
+    SEARCHPATH_KEY,
+    ConfigError,
+    check_override_keys,
+    check_targets,
+    searchpath_entries,
+    validate,
+)
 
 log = logging.getLogger("align_runner")
 
+ConfigDirs = Sequence[str | Path]
 
-def compose(overrides: Sequence[str] = ()) -> DictConfig:
-    """The validated config for ``overrides`` (the same strings the CLI takes)."""
-    check_override_keys(overrides)
-    register_configs()
-    GlobalHydra.instance().clear()
+
+def compose(overrides: Sequence[str] = (), *, config_dirs: ConfigDirs = ()) -> DictConfig:
+    """The validated config for ``overrides`` (the same strings the CLI takes). ``config_dirs`` are
+    folders of the user's own groups (``DIR/data/mydata.yaml`` makes ``data=mydata``), as the CLI's
+    ``--config-dir``; they are searched after the shipped tree."""
+    check_override_keys(overrides, config_dirs)
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        cfg = _compose(overrides, config_dirs)
     except ConfigCompositionException as e:
-        raise _explain(e, overrides) from e
+        raise _explain(e, overrides, config_dirs) from e
     validate(cfg)
     _warn_shadowed(overrides, cfg)
     return cfg
 
 
-def _explain(e: ConfigCompositionException, overrides: Sequence[str]) -> ConfigError:
+def _compose(overrides: Sequence[str], config_dirs: ConfigDirs = (), *, hydra_config: bool = False) -> DictConfig:
+    """Hydra's compose over the shipped tree and ``config_dirs``, no checks of ours."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(
+            config_name="config", overrides=_with_config_dirs(overrides, config_dirs), return_hydra_config=hydra_config
+        )
+
+
+def _with_config_dirs(overrides: Sequence[str], config_dirs: ConfigDirs) -> list[str]:
+    """``overrides`` with ``config_dirs`` put first in their ``hydra.searchpath`` (the compose API has
+    no --config-dir; Hydra reads one searchpath override, so the user's own entries join it)."""
+    if not config_dirs:
+        return list(overrides)
+    entries = [f"file://{Path(d).resolve()}" for d in config_dirs] + searchpath_entries(overrides)
+    quoted = ",".join("'" + e.replace("\\", "\\\\").replace("'", "\\'") + "'" for e in entries)
+    rest = [o for o in overrides if o.partition("=")[0] != SEARCHPATH_KEY]
+    return [*rest, f"{SEARCHPATH_KEY}=[{quoted}]"]
+
+
+def _explain(e: ConfigCompositionException, overrides: Sequence[str], config_dirs: ConfigDirs = ()) -> ConfigError:
     """A ConfigError naming the override and what is valid there.
 
     A new key inside a ``_target_`` node (``algorithm.loss.bta=0.1``) fails Hydra's struct check
@@ -52,9 +82,7 @@ def _explain(e: ConfigCompositionException, overrides: Sequence[str]) -> ConfigE
         key = bad.group(1)
         parent, _, leaf = key.rpartition(".")
         rest = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == key]
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            node = OmegaConf.select(hydra_compose(config_name="config", overrides=rest), parent) if parent else None
+        node = OmegaConf.select(_compose(rest, config_dirs), parent) if parent else None
         if isinstance(node, DictConfig) and "_target_" in node:
             try:
                 check_targets(OmegaConf.create({"_": {**OmegaConf.to_container(node), leaf: None}}))
@@ -80,11 +108,12 @@ def _warn_shadowed(overrides: Sequence[str], cfg: DictConfig) -> None:
             )
 
 
-def run(overrides: Sequence[str] = (), *, run_dir: str | Path | None = None):
-    """Compose and run; returns ``align_runner.pipeline.runner.RunResult``."""
+def run(overrides: Sequence[str] = (), *, run_dir: str | Path | None = None, config_dirs: ConfigDirs = ()):
+    """Compose (``config_dirs`` as in ``compose``) and run; returns
+    ``align_runner.pipeline.runner.RunResult``."""
     from align_runner.pipeline.runner import run_pipeline
 
-    cfg = compose(overrides)
+    cfg = compose(overrides, config_dirs=config_dirs)
     if run_dir is None:
         stamp = time.strftime("%Y-%m-%d/%H-%M-%S") + f"-{time.time_ns() % 1_000_000:06d}"
         run_dir = Path(cfg.paths.outputs) / stamp

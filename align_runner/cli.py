@@ -13,6 +13,8 @@ rank's exception and exits with its exit code; torchrun stops the other ranks.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -32,7 +34,15 @@ from omegaconf import DictConfig
 
 import align_runner
 from align_runner.config import register_configs
-from align_runner.validate import CONF_DIR, ConfigError, check_override_keys, check_values, validate
+from align_runner.validate import (
+    CONF_DIR,
+    ConfigError,
+    check_override_keys,
+    check_values,
+    group_options,
+    search_dirs,
+    validate,
+)
 
 log = logging.getLogger("align_runner")
 
@@ -45,29 +55,35 @@ def _overrides(argv: list[str]) -> list[str]:
     return [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
 
 
+def config_dirs(argv: list[str]) -> list[str]:
+    """The folder of ``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``), the user's own groups;
+    Hydra takes one, the last given."""
+    found = []
+    for i, a in enumerate(argv):
+        flag, eq, value = a.partition("=")
+        if flag in ("--config-dir", "-cd"):
+            found = [value] if eq else argv[i + 1 : i + 2]
+    return found
+
+
 def _compose_for_launch(argv: list[str]) -> tuple[DictConfig, str]:
     """The composed config and the resolved Hydra run dir for these overrides.
 
     Only the checks that need no torch run here (key names, types, value ranges): a launcher should
     not spend seconds importing what its workers import again. Every process validates fully before
     it loads anything."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException
     from omegaconf import open_dict
 
-    from align_runner.api import _warn_shadowed
+    from align_runner.api import _compose, _explain, _warn_shadowed
 
-    overrides = _overrides(argv)
-    check_override_keys(overrides)
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        try:
-            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-        except ConfigCompositionException as e:
-            cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
-            raise ConfigError(f"{e}{cause}") from e
+    overrides, dirs = _overrides(argv), config_dirs(argv)
+    check_override_keys(overrides, dirs)
+    try:
+        cfg = _compose(overrides, dirs, hydra_config=True)
+    except ConfigCompositionException as e:
+        raise _explain(e, overrides, dirs) from e
     run_dir = os.path.abspath(str(cfg.hydra.run.dir))
     with open_dict(cfg):
         del cfg["hydra"]
@@ -184,8 +200,11 @@ def main() -> None:
     if argv[:1] in (["--version"], ["-V"]):
         print(f"align_runner {align_runner.__version__}")
         return
+    if {"-sc", "--shell-completion"} & set(argv):
+        _shell_completion(argv)
+        return
     try:
-        check_override_keys(_overrides(argv))
+        check_override_keys(_overrides(argv), config_dirs(argv))
         multirun = "-m" in argv or "--multirun" in argv
         info_only = any(a in argv for a in _INFO_FLAGS)
         if not multirun and not info_only and "RANK" not in os.environ:
@@ -203,6 +222,35 @@ def main() -> None:
     except SystemExit as e:
         _record_failure(e)
         raise
+
+
+def _shell_completion(argv: list[str]) -> None:
+    """``-sc install=bash`` prints our script (it completes ``python -m align_runner`` too); a query
+    goes to Hydra with the line's own --config-dir, and keeps only options that are files."""
+    from align_runner import completion
+
+    if {"install=bash", "uninstall=bash"} & set(argv):
+        script = completion.bash_script if "install=bash" in argv else completion.bash_uninstall
+        print(script(sys.argv[0]))
+        return
+    query = any(a.startswith("query=") for a in argv)
+    if query:
+        line, args = completion.program_args(os.environ.get("COMP_LINE", ""))
+        os.environ["COMP_LINE"] = line
+        argv = [*argv, *(f"--config-dir={d}" for d in config_dirs(args))]
+    sys.argv = [sys.argv[0], *argv]
+    register_configs()
+    if not query:
+        _hydra_main()  # Hydra's install for other shells (zsh, fish)
+        return
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        _hydra_main()
+    try:
+        groups = group_options(search_dirs(_overrides(args), config_dirs(args)))
+    except ConfigError:
+        groups = {}  # a wrong dir on the line: Hydra's answer as it is
+    print(" ".join(completion.known_options(out.getvalue().split(), groups)))
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import inspect
 import logging
+import os
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,8 +31,63 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names it and what is valid."""
 
 
+# The shipped config tree, a folder inside the package: Hydra reads it as a plain directory (an
+# installed wheel unpacks it under site-packages), and so do the checks below, which list its groups.
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+SEARCHPATH_KEY = "hydra.searchpath"
 
+
+def searchpath_entries(overrides: Iterable[str]) -> list[str]:
+    """The entries of a ``hydra.searchpath=[...]`` override (Hydra reads the first one only)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for ov in overrides:
+        if ov.partition("=")[0] == SEARCHPATH_KEY:
+            return [str(e) for e in OverridesParser.create().parse_override(ov).value()]
+    return []
+
+
+def _entry_dirs(entry: str) -> list[Path]:
+    """The folder(s) behind one search-path entry: ``file://dir`` or a bare dir, ``pkg://package``."""
+    scheme, sep, rest = entry.partition("://")
+    if not sep or scheme == "file":
+        path = Path(rest if sep else entry).resolve()
+        if not path.is_dir():
+            raise ConfigError(f"{SEARCHPATH_KEY}: {entry}: no such directory")
+        return [path]
+    if scheme == "pkg":
+        try:
+            spec = importlib.util.find_spec(rest.replace("/", "."))
+        except ModuleNotFoundError:
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"{SEARCHPATH_KEY}: {entry}: no such package")
+        return [Path(p) for p in spec.submodule_search_locations]
+    return []  # structured:// and the like hold no files
+
+
+def search_dirs(overrides: Iterable[str] = (), config_dirs: Iterable[str | Path] = ()) -> list[Path]:
+    """Where group files are looked up, in Hydra's order (the first folder holding an option wins):
+    the shipped tree, the user's ``--config-dir`` folders, then the ``hydra.searchpath`` entries."""
+    dirs = [CONF_DIR]
+    for d in config_dirs:
+        if not Path(d).is_dir():
+            raise ConfigError(f"config dir {d}: no such directory")
+        dirs.append(Path(d).resolve())
+    return dirs + [p for e in searchpath_entries(overrides) for p in _entry_dirs(e)]
+
+
+def _find(dirs: Iterable[Path], group: str, option: str) -> Path | None:
+    return next((p for d in dirs if (p := d / group / f"{option}.yaml").is_file()), None)
+
+
+def _defaults(path: Path | None) -> list[Any]:
+    """The defaults list of the YAML file at ``path`` as plain strings and dicts (none if no file)."""
+    return OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or [] if path else []
+
+
+def _root_defaults() -> list[Any]:
+    return _defaults(CONF_DIR / "config.yaml")
 
 
 def _suggest(word: str, options: Iterable[str]) -> str:
@@ -49,28 +106,40 @@ def _field_type(cls: type, name: str) -> Any:
     return tp
 
 
-def algorithm_schema(choice: str) -> type:
-    """The dataclass typing ``conf/algorithm/<choice>.yaml``: the ``*_schema`` its defaults list names."""
-    path = CONF_DIR / "algorithm" / f"{choice}.yaml"
-    defaults = OmegaConf.load(path).get("defaults", []) if path.exists() else []
-    for d in defaults:
+def algorithm_schema(choice: str, dirs: Iterable[Path] = (CONF_DIR,)) -> type:
+    """The dataclass typing ``algorithm/<choice>.yaml`` (the first of ``dirs`` holding it): the
+    ``*_schema`` its defaults list names."""
+    dirs = list(dirs)
+    for d in _defaults(_find(dirs, "algorithm", choice)):
         if isinstance(d, str) and d in schema.ALGORITHM_SCHEMAS:
             return schema.ALGORITHM_SCHEMAS[d]
         if isinstance(d, str) and d != "_self_" and d != choice:
-            return algorithm_schema(d)  # a variant built on another algorithm file (dapo on grpo)
+            return algorithm_schema(d, dirs)  # a variant built on another algorithm file (dapo on grpo)
     return schema.AlgorithmConfig
 
 
-def _selected_algorithms(overrides: Iterable[str]) -> list[str]:
-    """The algorithm option(s) the command line picks (a sweep picks several); the root config's
-    default otherwise."""
-    root = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")).get("defaults", [])
-    choices = [str(d["algorithm"]) for d in root if isinstance(d, dict) and "algorithm" in d]
+def _choices(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _selected_algorithms(overrides: Iterable[str], dirs: Iterable[Path] = (CONF_DIR,)) -> list[str]:
+    """The algorithm option(s) a run uses: the command line's (a sweep picks several), else those the
+    selected experiments set (``override /algorithm: dpo`` in their defaults), else the root default."""
+    dirs = list(dirs)
+    choices = [str(d["algorithm"]) for d in _root_defaults() if isinstance(d, dict) and "algorithm" in d]
+    picked: dict[str, list[str]] = {}
     for ov in overrides:
         key, _, value = ov.lstrip("+").partition("=")
-        if key == "algorithm" and value:
-            choices = [v.strip() for v in value.split(",") if v.strip()]
-    return choices
+        picked[key] = _choices(value)
+    from_experiments = [
+        str(d[k])
+        for name in picked.get("experiment", [])
+        for d in _defaults(_find(dirs, "experiment", name))
+        if isinstance(d, dict)
+        for k in d
+        if k in ("override /algorithm", "/algorithm")
+    ]
+    return picked.get("algorithm") or from_experiments or choices
 
 
 def check_override_key(key: str, algorithm: type = schema.AlgorithmConfig) -> None:
@@ -88,12 +157,25 @@ def check_override_key(key: str, algorithm: type = schema.AlgorithmConfig) -> No
         cls = algorithm if depth == 0 and part == "algorithm" else _field_type(cls, part)
 
 
-def _groups() -> dict[str, list[str]]:
-    return {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
-        for d in CONF_DIR.iterdir()
-        if d.is_dir() and d.name != "hydra"
-    }
+def group_options(dirs: Iterable[Path] = (CONF_DIR,)) -> dict[str, list[str]]:
+    """Each config group (a folder of YAML files; nested ones as ``model/lora``) with its options,
+    over every search folder. The root config's slots count even without a folder (``experiment``:
+    the user's recipes)."""
+    found: dict[str, set[str]] = {_slot(d): set() for d in _root_defaults() if isinstance(d, dict)}
+    for root in dirs:
+        for folder, subdirs, files in os.walk(root):
+            subdirs[:] = [s for s in subdirs if not s.startswith((".", "__")) and s != "hydra"]
+            group = Path(folder).relative_to(root).as_posix()
+            options = {Path(f).stem for f in files if f.endswith(".yaml")}
+            if group != "." and options:
+                found.setdefault(group, set()).update(options)
+    return {g: sorted(o) for g, o in found.items() if not g.startswith("hydra/")}
+
+
+def _slot(entry: dict) -> str:
+    """The group a root defaults entry fills: ``optional experiment`` -> experiment,
+    ``algorithm@upstream.sft`` -> algorithm."""
+    return str(next(iter(entry))).split()[-1].split("@")[0]
 
 
 def _check_for_any(key: str, algorithms: list[type]) -> None:
@@ -108,11 +190,14 @@ def _check_for_any(key: str, algorithms: list[type]) -> None:
     raise next((e for e in errors if "Did you mean" in str(e)), errors[0])
 
 
-def check_override_keys(overrides: Iterable[str]) -> None:
-    """Check command-line overrides: group choices against the files, dotted keys against the schema."""
-    groups = _groups()
+def check_override_keys(overrides: Iterable[str], config_dirs: Iterable[str | Path] = ()) -> None:
+    """Check command-line overrides: group choices against the files (the shipped ones, those in
+    ``config_dirs`` and in a ``hydra.searchpath`` override), dotted keys against the schema."""
     overrides = list(overrides)
-    algorithms = [algorithm_schema(c) for c in _selected_algorithms(overrides)]
+    dirs = search_dirs(overrides, config_dirs)
+    groups = group_options(dirs)
+    algorithms = [algorithm_schema(c, dirs) for c in _selected_algorithms(overrides, dirs)]
+    where = f" (searched {', '.join(map(str, dirs))})" if len(dirs) > 1 else ""
     for ov in overrides:
         if ov.startswith(("-", "+", "~")) or "=" not in ov:
             continue  # flags, additions and deletions are the user's explicit choice
@@ -126,8 +211,8 @@ def check_override_keys(overrides: Iterable[str]) -> None:
                 v = v.strip()
                 if v and v != "null" and v not in choices and not any(c in v for c in "()[]{}$*"):
                     raise ConfigError(
-                        f"{group}={v}: no such option in {group}/.{' Did you mean ' + repr(m[0]) + '?' if (m := difflib.get_close_matches(v, choices, n=1)) else ''} "
-                        f"Valid options: {', '.join(choices)}"
+                        f"{group}={v}: no such option in {group}/{where}.{' Did you mean ' + repr(m[0]) + '?' if (m := difflib.get_close_matches(v, choices, n=1)) else ''} "
+                        f"Valid options: {', '.join(choices) or f'none (add DIR/{group}/{v}.yaml and pass --config-dir DIR)'}"
                     )
             continue
         _check_for_any(key, algorithms)
