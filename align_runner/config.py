@@ -105,7 +105,14 @@ class SourceConfig:
     split: str = "train"
     # hub dataset config name
     name: Optional[str] = None
+    # hub dataset commit / tag / branch; part of the data key (pin it: an unpinned hub dataset can change)
+    revision: Optional[str] = None
+    # keep the first N rows; null = every row
     limit: Optional[int] = None
+    # their column -> canonical column, e.g. {question: prompt, answer: completion}; applied after `drop`
+    rename: dict[str, str] = field(default_factory=dict)
+    # columns removed before the format is detected (e.g. a `messages` copy beside chosen/rejected)
+    drop: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -118,6 +125,11 @@ class ViewConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING
+    # one source for every view the pipeline reads (converted by its format: a preference file feeds
+    # sft via chosen, preference, and prompt); a view's own data.<view>.<split> wins over it
+    train: Optional[SourceConfig] = None
+    # held-out rows for the same views; null = none
+    eval: Optional[SourceConfig] = None
     # rows for SFT: text | messages | prompt+completion
     sft: Optional[ViewConfig] = None
     # rows for reward / DPO: (prompt?, chosen, rejected)

@@ -18,6 +18,11 @@ from align_runner.validate import CONF_DIR, ConfigError, check_targets
 GROUPS = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir() and any(d.glob("*.yaml")))
 
 
+# options that name the user's own input: composing them needs it (a local file of the same schema)
+_USER_FILE = f"data.train.path={CONF_DIR.parent / 'data' / 'demo' / 'sft-train.jsonl'}"
+NEEDS = {"data=local": [_USER_FILE], "data=hub": [_USER_FILE]}
+
+
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
@@ -26,7 +31,7 @@ def _options(group: str) -> list[str]:
     "group,option", [(g, o) for g in GROUPS for o in _options(g)], ids=lambda v: str(v)
 )
 def test_every_option_of_every_group_composes(group, option):
-    cfg = compose([f"{group}={option}"])
+    cfg = compose([f"{group}={option}", *NEEDS.get(f"{group}={option}", [])])
     check_targets(cfg)  # every _target_ imports and takes the keys beside it
 
 

@@ -121,10 +121,37 @@ def validate_row(row: Mapping, fmt: Format, label: str, index: int) -> None:
         if kind is Kind.UNPAIRED_PREFERENCE:
             _check_label(row, label, index)
     else:  # preference; the prompt may be implicit (shared start of chosen and rejected)
-        if "prompt" in row:
-            _check_value(row, "prompt", fmt.conversational, label, index)
         _check_value(row, "chosen", fmt.conversational, label, index)
         _check_value(row, "rejected", fmt.conversational, label, index)
+        if fmt.conversational and isinstance(row.get("prompt"), str):
+            with_message_prompt(row, label, index)  # raises unless chosen/rejected repeat it
+        elif "prompt" in row:
+            _check_value(row, "prompt", fmt.conversational, label, index)
+
+
+def with_message_prompt(row: Mapping, label: str, index: int) -> Mapping:
+    """A conversational preference row whose ``prompt`` is a string that chosen and rejected already
+    begin with as a user message (UltraFeedback-binarized): the prompt becomes their shared leading
+    messages and chosen / rejected what follows, so the prompt is not tokenized twice. Other rows
+    are returned unchanged. A string prompt that is not among the shared leading user messages is a
+    DataError naming the row and column.
+    """
+    prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+    if not (isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list)):
+        return row
+    # at most len - 1 messages are shared, so each response keeps at least one (identical answers too)
+    limit = min(len(chosen), len(rejected)) - 1
+    shared = 0
+    while shared < limit and chosen[shared] == rejected[shared]:
+        shared += 1
+    users = [m.get("content") for m in chosen[:shared] if isinstance(m, Mapping) and m.get("role") == "user"]
+    if not any(isinstance(u, str) and u.strip() == prompt.strip() for u in users):
+        raise row_error(
+            label, index, "prompt",
+            f"{MESSAGES_EXPECTED}, or a string equal to a user message that chosen and rejected both begin with",
+            prompt,
+        )
+    return {**row, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
 def _check_value(row: Mapping, column: str, conversational: bool, label: str, index: int) -> None:

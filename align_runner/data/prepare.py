@@ -19,7 +19,7 @@ from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
 from align_runner.data.errors import DataError
-from align_runner.data.formats import Format, Kind, detect_source_format, validate_row
+from align_runner.data.formats import Format, Kind, detect_source_format, validate_row, with_message_prompt
 from align_runner.data.tokenize import preference_parts, tokenize_preference, tokenize_prompt, tokenize_sft
 
 VIEWS = ("sft", "preference", "prompt")
@@ -88,6 +88,7 @@ def prepare_rows(
     bar = tqdm(rows, desc=f"data_prep {view}", disable=not progress, dynamic_ncols=True, leave=False)
     for index, row in enumerate(bar):
         validate_row(row, fmt, label, index)
+        row = with_message_prompt(row, label, index)
         try:
             example = _tokenize(row, fmt, view, tokenizer, completion_only_loss, assistant_only_loss, chat_template)
         except DataError:
@@ -105,13 +106,21 @@ def prepare_rows(
 
 
 # ------------------------------------------------------------------------------ conversion
-def _check_view(fmt: Format, view: str, label: str) -> None:
-    allowed = _VIEW_KINDS[view]
+def feeds(fmt: Format, view: str) -> bool:
+    """Whether rows of ``fmt`` can be converted for ``view`` (see the module docstring)."""
     standard_lm_prompt = view == "prompt" and fmt.kind is Kind.LANGUAGE_MODELING and not fmt.conversational
-    if fmt.kind not in allowed or standard_lm_prompt:
-        names = ", ".join(kind.value for kind in allowed)
-        extra = " (language modeling only when conversational)" if view == "prompt" else ""
-        raise DataError(f"{label}: {fmt} data cannot feed the '{view}' view; it accepts: {names}{extra}")
+    return fmt.kind in _VIEW_KINDS[view] and not standard_lm_prompt
+
+
+def accepted_formats(view: str) -> str:
+    """The formats that can feed ``view``, for error messages."""
+    names = ", ".join(kind.value for kind in _VIEW_KINDS[view])
+    return names + (" (language modeling only when conversational)" if view == "prompt" else "")
+
+
+def _check_view(fmt: Format, view: str, label: str) -> None:
+    if not feeds(fmt, view):
+        raise DataError(f"{label}: {fmt} data cannot feed the '{view}' view; it accepts: {accepted_formats(view)}")
 
 
 def _tokenize(

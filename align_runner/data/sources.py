@@ -8,6 +8,8 @@ A *source* is a mapping (one ``data.*`` config node)::
     name:  str | None     # hub config name
     revision: str | None  # hub revision (commit / tag), part of the fingerprint
     limit: int | None     # keep the first N rows
+    drop: list[str]       # columns removed (before rename and before the format is detected)
+    rename: dict          # their column -> canonical column, e.g. {question: prompt}
 
 Rows are returned as plain ``list[dict]`` so every later step is a pure function of python values.
 """
@@ -47,7 +49,46 @@ def load_rows(source: Mapping) -> tuple[list[dict], str]:
         rows, label = _inline_rows(inline), "inline"
     else:
         rows, label = _path_rows(str(path), split, source.get("name"), source.get("revision"))
-    return _apply_limit(rows, source.get("limit"), label), label
+    return map_columns(apply_limit(rows, source.get("limit"), label), source, label), label
+
+
+def first_row(source: Mapping) -> tuple[dict, str]:
+    """The first row of ``source`` with its columns mapped, and its label: enough to detect the format
+    while planning. A jsonl file is read up to its first row and a hub dataset is not converted to
+    python, so a large source costs little; other sources are loaded whole."""
+    path = source.get("path")
+    local = Path(str(path)).expanduser() if path is not None and source.get("rows") is None else None
+    if local is not None and local.is_file() and local.suffix.lower() == ".jsonl":
+        rows, label = _jsonl_rows(local, stop_after=1), str(path)
+    elif local is not None and not local.exists() and not _is_local(str(path)):
+        split = source.get("split") or "train"
+        dataset, label = _hub_dataset(str(path), source.get("name"), split, source.get("revision")), f"hub:{path}:{split}"
+        rows = [dataset[0]] if len(dataset) else []
+    else:
+        rows, label = load_rows({**source, "rename": {}, "drop": []})
+    if not rows:
+        raise DataError(f"{label}: no rows")
+    return map_columns(rows[:1], source, label)[0], label
+
+
+def map_columns(rows: list[dict], source: Mapping, label: str) -> list[dict]:
+    """Apply the source's ``drop`` then ``rename``. A named column that the first row lacks is a
+    DataError naming the source and listing its columns (a typo would otherwise pass silently)."""
+    drop, rename = list(source.get("drop") or []), dict(source.get("rename") or {})
+    if not rows or not (drop or rename):
+        return rows
+    columns = list(rows[0])
+    for key, names in (("drop", drop), ("rename", list(rename))):
+        missing = [c for c in names if c not in columns]
+        if missing:
+            raise DataError(f"{label}: {key} names {missing}, which are not columns of this source; its columns: {columns}")
+    kept = [c for c in columns if c not in drop]
+    clash = sorted(set(rename.values()) & (set(kept) - set(rename)))
+    if clash:
+        raise DataError(
+            f"{label}: rename {rename} targets {clash}, which the source already has; add them to 'drop' first"
+        )
+    return [{rename.get(k, k): v for k, v in row.items() if k not in drop} for row in rows]
 
 
 def source_label(source: Mapping) -> str:
@@ -66,10 +107,13 @@ def fingerprint_source(source: Mapping) -> str:
     Local file: its bytes (+ split, limit). Folder: every non-hidden file's relative path and bytes
     (+ split, limit). Inline
     rows: canonical JSON. Hub id: id, config name, split and revision (a hub dataset without a pinned
-    revision can change upstream; pin ``revision`` for a reproducible key).
+    revision can change upstream; pin ``revision`` for a reproducible key). A column mapping
+    (``drop`` / ``rename``) changes the rows, so it enters too when set.
     """
     digest = hashlib.sha256()
     limit, split = source.get("limit"), source.get("split") or "train"
+    if source.get("drop") or source.get("rename"):
+        _update(digest, "columns", list(source.get("drop") or []), dict(source.get("rename") or {}))
     if source.get("rows") is not None:
         _update(digest, "inline", limit)
         digest.update(_canonical_json(source["rows"]).encode())
@@ -134,10 +178,12 @@ def _file_rows(path: Path, split: str) -> list[dict]:
     )
 
 
-def _jsonl_rows(path: Path) -> list[dict]:
+def _jsonl_rows(path: Path, stop_after: int | None = None) -> list[dict]:
     rows: list[dict] = []
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
+            if stop_after is not None and len(rows) >= stop_after:
+                break
             if not line.strip():
                 continue  # blank lines (often a trailing newline) are not rows
             try:
@@ -223,17 +269,20 @@ def _saved_dataset_rows(path: Path, split: str) -> list[dict]:
 
 
 def _hub_rows(dataset_id: str, name: str | None, split: str, revision: str | None) -> list[dict]:
+    return _hub_dataset(dataset_id, name, split, revision).to_list()
+
+
+def _hub_dataset(dataset_id: str, name: str | None, split: str, revision: str | None) -> Any:
     import datasets
 
     kwargs = {"revision": revision} if revision else {}
     try:
-        loaded = datasets.load_dataset(dataset_id, name, split=split, **kwargs)
+        return datasets.load_dataset(dataset_id, name, split=split, **kwargs)
     except Exception as exc:  # network, auth, unknown id or split: all need the same hint
         raise DataError(
             f"hub:{dataset_id}:{split}: could not load hub dataset ({type(exc).__name__}: {exc}); "
-            f"check the id, 'name' and 'split', or point 'path' at a local file"
+            f"check the id, 'name', 'split' and 'revision', or point 'path' at a local file"
         ) from exc
-    return loaded.to_list()
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -259,7 +308,7 @@ def _check_objects(rows: list, label: str) -> list[dict]:
     return rows
 
 
-def _apply_limit(rows: list[dict], limit: Any, label: str) -> list[dict]:
+def apply_limit(rows: list[dict], limit: Any, label: str) -> list[dict]:
     if limit is None:
         return rows
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:

@@ -18,6 +18,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from align_runner.config import stage_train
+from align_runner.data.prepare import VIEWS, accepted_formats
+from align_runner.data.sources import fingerprint_source
+from align_runner.data.views import SPLITS, fed_views, is_set, shared_formats, view_source
+from align_runner.models.fingerprint import source_fingerprint
 from align_runner.registry import Input, get_stage
 from align_runner.stages.context import StageSpec
 
@@ -47,8 +51,9 @@ def _auto(cfg: DictConfig) -> list[StageSpec]:
         config = "algorithm" if kind == main else f"upstream.{kind}"
         if OmegaConf.select(cfg, config) is None:
             raise PipelineConfigError(f"stage {kind!r} runs before {main!r} but the config has no {config!r} node")
-        # eval generates with the stage's output, so a scorer (reward model) gets none
-        evaluate = kind == main and cfg.pipeline.eval and stage.policy
+        # eval generates with the stage's output, so a scorer (reward model) gets none; and it needs
+        # held-out prompts (a user's file without an eval split trains without eval stages)
+        evaluate = kind == main and cfg.pipeline.eval and stage.policy and _heldout_prompts(cfg)
         if evaluate:
             specs.append(StageSpec("eval_before", "eval", config="eval", model_from=model_from))
         inputs: dict[str, str] = {}
@@ -136,26 +141,53 @@ def _check_inputs(spec: StageSpec, declared: Mapping[str, Input], earlier: dict[
             )
 
 
-DATA_VIEWS = ("sft", "preference", "prompt")
-
-
 def data_views(cfg: DictConfig, specs: list[StageSpec]) -> list[str]:
-    """The views data_prep builds: every view the data config defines.
+    """The views data_prep builds.
 
-    Not only the views this pipeline reads, so that pipelines of different algorithms over the same
-    data share one data_prep stage, and with it every stage after it (`algorithm=sft` then
-    `algorithm=dpo` reuse the SFT). A stage's first view is required: a pipeline whose stage reads a
-    view the data config lacks is a config error.
+    A view's own source (``data.<view>``): every view the data config defines, not only those this
+    pipeline reads, so that pipelines of different algorithms over the same data share one data_prep
+    stage, and with it every stage after it (`algorithm=sft` then `algorithm=dpo` reuse the SFT).
+    The shared sources (``data.train`` / ``data.eval``, one file for every view): the views the
+    pipeline reads that their format can feed, so a large file is converted only for what runs.
+    A stage's first view is required: a pipeline whose stage reads a view nothing feeds is a config
+    error naming the view (and the shared file's format).
     """
-    configured = [v for v in DATA_VIEWS if cfg.data.get(v) is not None]
-    for s in specs:
-        views = get_stage(s.kind).views
-        if views and views[0] not in configured:
-            raise PipelineConfigError(
-                f"stage {s.name!r} reads data.{views[0]}, which data={cfg.data.name} does not define "
-                f"(it defines: {configured})"
-            )
-    return configured
+    data, formats = _data_sources(cfg)
+    read = {v for s in specs for v in get_stage(s.kind).views}
+    shared = [v for v in fed_views(formats) if v in read]
+    built = [v for v in VIEWS if data.get(v) is not None or v in shared]
+    required = {s.name: get_stage(s.kind).views[0] for s in specs if get_stage(s.kind).views}
+    for view in dict.fromkeys(required.values()):
+        if view not in built:
+            raise PipelineConfigError(_unfed(cfg, [n for n, v in required.items() if v == view], view, formats))
+    return built
+
+
+def _unfed(cfg: DictConfig, stages: list[str], view: str, formats: Mapping[str, tuple[Any, str]]) -> str:
+    where = f"{'stage' if len(stages) == 1 else 'stages'} {', '.join(map(repr, stages))} read the {view!r} view"
+    if not formats:
+        configured = [v for v in VIEWS if cfg.data.get(v) is not None]
+        return f"{where}, which data={cfg.data.name} does not define (it defines: {configured})"
+    files = " and ".join(f"data.{split} ({label}) holds {fmt} data" for split, (fmt, label) in formats.items())
+    return f"{where}, but {files}, which cannot feed it; {view!r} takes: {accepted_formats(view)}"
+
+
+def _data_sources(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, tuple[Any, str]]]:
+    """The resolved data config and the format of each shared source (read from its first row)."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert isinstance(data, dict)
+    if data.get("train") is not None and not is_set(data["train"]) and not any(data.get(v) for v in VIEWS):
+        raise PipelineConfigError(
+            f"data.train.path is not set: data={cfg.data.name} reads rows from data.train.path=<a jsonl / json / "
+            "parquet / csv file, a save_to_disk folder or a hub dataset id>"
+        )
+    return data, shared_formats(data)
+
+
+def _heldout_prompts(cfg: DictConfig) -> bool:
+    """Whether some source feeds the prompt view's eval split (what the eval stages generate on)."""
+    data, formats = _data_sources(cfg)
+    return view_source(data, "prompt", "eval", formats) is not None
 
 
 def stage_config(cfg: DictConfig, spec: StageSpec, views: list[str]) -> dict[str, Any]:
@@ -164,11 +196,17 @@ def stage_config(cfg: DictConfig, spec: StageSpec, views: list[str]) -> dict[str
     assert isinstance(section, Mapping)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.pop("name", None)
+    # a local base model enters by its content, not its path: the same checkpoint anywhere, one key
+    model["source"] = source_fingerprint(model["source"])
     if spec.kind == "data_prep":
         # Sources enter the key through their content fingerprint, not their path, so the same files
         # in another checkout share the cache. The tokenizer comes from the base model.
-        data = {k: v for k, v in section.items() if k not in ("sft", "preference", "prompt")}
-        return {"data": data, "tokenizer": model["source"], "views": views}
+        data = {k: v for k, v in section.items() if k not in (*VIEWS, *SPLITS)}
+        out = {"data": data, "tokenizer": model["source"], "views": views}
+        shared = {split: fingerprint_source(section[split]) for split in SPLITS if is_set(section.get(split))}
+        if shared:  # only when set: the per-view sources (the demo's) enter through the runner's data fingerprint
+            out["shared_sources"] = shared
+        return out
     out: dict[str, Any] = {"section": section, "model": model}
     if get_stage(spec.kind).trains:
         train = OmegaConf.to_container(stage_train(cfg, OmegaConf.select(cfg, spec.config)), resolve=True)

@@ -1,7 +1,10 @@
 """data_prep: read every configured source, validate, convert, tokenize, mask and length-filter it once.
 
 Output: ``data/<view>-<split>.jsonl`` per view ("sft", "preference", "prompt") and split ("train",
-"eval"), plus the kept/truncated/dropped counts in the manifest. Later stages read these files through
+"eval"), plus the row counts in the manifest: ``<view>/<split>/rows`` (in the source), ``limited``
+(cut by its ``limit``), ``total`` (prepared), ``kept``, ``truncated`` and ``dropped`` (over the length
+limits, or left with nothing to learn from). Each view's source is its own ``data.<view>.<split>`` or
+the shared ``data.<split>`` (``align_runner.data.views``). Later stages read these files through
 ``StageContext.dataset``; none of them tokenizes again.
 """
 
@@ -13,15 +16,15 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from align_runner.data.errors import DataError
 from align_runner.data.prepare import prepare_rows
-from align_runner.data.sources import load_rows
+from align_runner.data.sources import apply_limit, load_rows
+from align_runner.data.views import SPLITS, shared_formats, view_source
 from align_runner.registry import register_stage
 from align_runner.stages.context import StageContext
 
 log = logging.getLogger("align_runner")
 
-VIEWS = ("sft", "preference", "prompt")
-SPLITS = ("train", "eval")
 
 
 def prepared_path(stage_dir: Path, view: str, split: str) -> Path:
@@ -43,15 +46,21 @@ def load_prepared(stage_dir: Path, view: str, split: str) -> list[dict]:
 @register_stage("data_prep", trains=False, key_metrics=("sft/train/kept", "preference/train/kept", "prompt/eval/kept"))
 def run_data_prep(ctx: StageContext) -> dict[str, float]:
     data = ctx.cfg.data
+    sources = OmegaConf.to_container(data, resolve=True)
+    formats = shared_formats(sources)
     tokenizer = ctx.tokenizer()
     metrics: dict[str, float] = {}
+    loaded: dict[str, tuple[list[dict], str]] = {}  # a shared source feeds several views: read it once
     for view in ctx.params["views"]:
-        view_cfg = data[view]
         for split in SPLITS:
-            source = view_cfg.get(split)
+            source = view_source(sources, view, split, formats)
             if source is None:
                 continue
-            rows, label = load_rows(OmegaConf.to_container(source, resolve=True))
+            key = json.dumps(source, sort_keys=True, default=str)
+            if key not in loaded:
+                loaded[key] = load_rows({**source, "limit": None})
+            everything, label = loaded[key]
+            rows = apply_limit(everything, source.get("limit"), label)
             prepared, stats = prepare_rows(
                 rows,
                 label,
@@ -66,10 +75,18 @@ def run_data_prep(ctx: StageContext) -> dict[str, float]:
                 progress=ctx.is_main and ctx.train.progress,
             )
             log.info(
-                "data_prep %s/%s from %s: %d rows, kept %d, truncated %d, dropped %d",
-                view, split, label, stats.total, stats.kept, stats.truncated, stats.dropped,
+                "data_prep %s/%s from %s: %d rows (%d cut by limit), kept %d, truncated %d, dropped %d",
+                view, split, label, len(everything), len(everything) - len(rows), stats.kept, stats.truncated,
+                stats.dropped,
             )
-            for k, v in stats.as_dict().items():
+            if not prepared:
+                raise DataError(
+                    f"{label}: none of its {stats.total} rows is left for the {view!r} view ({split}): "
+                    f"{stats.dropped} dropped over data.max_length={data.max_length} / data.max_prompt_length="
+                    f"{data.max_prompt_length} (truncation={data.truncation}) or with nothing to train on"
+                )
+            counts = {"rows": len(everything), "limited": len(everything) - len(rows), **stats.as_dict()}
+            for k, v in counts.items():
                 metrics[f"{view}/{split}/{k}"] = v
             if ctx.is_main:
                 _write_jsonl(prepared_path(ctx.out_dir, view, split), prepared)
