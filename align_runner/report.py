@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from align_runner.engine.online import ROLLOUTS_FILE
 from align_runner.engine.trackers import read_metrics
+from align_runner.pipeline.rundir import stage_dir  # the run's link, or the recorded store dir
 
 # Training-curve panels: (title, y label, metrics.jsonl keys drawn together). Absent keys are skipped.
 PANELS = (
@@ -104,12 +105,6 @@ def _trains(kind: str) -> bool:
         return get_stage(kind).trains
     except KeyError:
         return True
-
-
-def stage_dir(run_dir: Path, stage: dict[str, Any]) -> Path:
-    """The stage's store dir; the run dir's link to it when the recorded path has moved away."""
-    recorded = Path(stage["dir"])
-    return recorded if recorded.exists() else run_dir / "stages" / stage["name"]
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

@@ -93,6 +93,7 @@ def save_lora_artifact(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         model.save_pretrained(staging / ADAPTER_DIR, state_dict=state_dict)
+        _record_base(staging / ADAPTER_DIR, base)
         merged = staging / "merged"
         merge_adapter(staging / ADAPTER_DIR, merged, base=base, dtype=dtype, tokenizer=tokenizer)
         shutil.move(str(staging / ADAPTER_DIR), str(merged / ADAPTER_DIR))
@@ -100,6 +101,19 @@ def save_lora_artifact(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(out)
+
+
+def _record_base(adapter: Path, base: str) -> None:
+    """Record a local base in ``adapter_config.json`` by absolute path.
+
+    PEFT writes the path the base was loaded from, which may be relative to the run's working directory
+    (``outputs/cache/...``) and would then resolve nowhere else. A hub id stays as it is."""
+    if not Path(base).exists():
+        return
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = str(Path(base).resolve())
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def adapter_dir(path: str | Path) -> Path:

@@ -24,6 +24,7 @@ from align_runner.engine.checkpoint import seed_everything
 from align_runner.fsutil import atomic_write_json
 from align_runner.pipeline.graph import build_graph, data_views, stage_config
 from align_runner.pipeline.keys import stage_key
+from align_runner.pipeline.rundir import RUN_MANIFEST, link_stage
 from align_runner.pipeline.store import StageStore
 from align_runner.redact import redact
 from align_runner.registry import get_stage
@@ -142,10 +143,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
         dirs[p.spec.name] = stage_dir
         records.append(StageRecord(p.spec.name, p.spec.kind, p.key, str(stage_dir), hit, time.perf_counter() - t0, metrics))
         if backend.is_main:
-            _link(run_dir / "stages" / p.spec.name, stage_dir)
+            link_stage(run_dir, p.spec.name, stage_dir)
     objective = _objective(cfg, records)
     if backend.is_main:
-        atomic_write_json(run_dir / "run.json", redact(_run_manifest(cfg, records, objective, backend, sharding)))
+        atomic_write_json(run_dir / RUN_MANIFEST, redact(_run_manifest(cfg, records, objective, backend, sharding)))
         try:
             from align_runner.report import write_report  # the report sits above the pipeline layer
 
@@ -226,13 +227,6 @@ def _resolve_base_model(cfg: DictConfig, backend) -> str:
     # one process builds / converts into the cache; the others then find it there
     with backend.main_first():
         return resolve_source(cfg.model.source, cache_dir=str(cfg.paths.cache))
-
-
-def _link(link: Path, target: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(target, target_is_directory=True)
 
 
 def _objective(cfg: DictConfig, records: list[StageRecord]) -> float | None:
