@@ -72,7 +72,7 @@ def run_data_prep(ctx: StageContext) -> dict[str, float]:
                 completion_only_loss=data.completion_only_loss,
                 assistant_only_loss=data.assistant_only_loss,
                 chat_template=data.chat_template,
-                progress=ctx.is_main and ctx.train.progress,
+                progress=ctx.is_main and bool(ctx.cfg.train.progress),  # data.train is a source here, not train settings
             )
             log.info(
                 "data_prep %s/%s from %s: %d rows (%d cut by limit), kept %d, truncated %d, dropped %d",
