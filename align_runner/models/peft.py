@@ -35,7 +35,7 @@ def peft_lora_config(lora: Any):
     from peft import LoraConfig, TaskType
 
     targets = lora.target_modules
-    if not isinstance(targets, str):
+    if targets is not None and not isinstance(targets, str):  # None: peft's default for the architecture
         targets = [str(t) for t in targets]
     return LoraConfig(
         r=int(lora.r),
