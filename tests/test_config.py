@@ -150,3 +150,64 @@ def test_an_objective_naming_no_stage_is_reported_before_the_run(caplog):
     with caplog.at_level("WARNING", logger="align_runner"):
         compose(["pipeline.eval=false"])
     assert "pipeline.objective=eval_after/accuracy names no stage of this pipeline (data_prep, sft)" in caplog.text
+
+
+# ------------------------------------------------------------------ the user's own config groups
+
+
+@pytest.fixture
+def user_conf(tmp_path: Path) -> Path:
+    """A user's config dir: a data option on the demo, an algorithm on grpo, an experiment (a recipe
+    that picks other groups' options, `# @package _global_`)."""
+    files = {
+        "data/mydata.yaml": "defaults:\n  - demo\n  - _self_\nname: mydata\n",
+        "algorithm/myalgo.yaml": "defaults:\n  - grpo\n  - _self_\nname: myalgo\n",
+        "experiment/myrecipe.yaml": "# @package _global_\ndefaults:\n  - override /algorithm: dpo\n"
+                                    "  - override /model: tiny\ntrain:\n  lr: 0.00123\n",
+    }
+    for name, text in files.items():
+        (tmp_path / "conf" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "conf" / name).write_text(text)
+    return tmp_path / "conf"
+
+
+def test_user_groups_compose_through_the_api(user_conf):
+    cfg = compose(["data=mydata", "experiment=myrecipe"], config_dirs=[user_conf])
+    assert (cfg.data.name, cfg.model.name, cfg.algorithm.kind, cfg.train.lr) == ("mydata", "tiny", "dpo", 0.00123)
+    # the experiment's algorithm types the command line's algorithm keys (a key of dpo's, not of sft's)
+    cfg = compose(["experiment=myrecipe", "algorithm.reference.batch_size=3"], config_dirs=[user_conf])
+    assert cfg.algorithm.reference.batch_size == 3
+    cfg = compose([f"hydra.searchpath=[file://{user_conf}]", "algorithm=myalgo", "algorithm.num_generations=4"])
+    assert (cfg.algorithm.name, cfg.algorithm.kind, cfg.algorithm.num_generations) == ("myalgo", "grpo", 4)
+
+
+def test_user_groups_are_checked_like_the_shipped_ones(user_conf):
+    with pytest.raises(ConfigError, match=r"data=mydat: no such option in data/ \(searched .*conf\)\. Did you mean 'mydata'\? Valid options: .*demo.*mydata"):
+        compose(["data=mydat"], config_dirs=[user_conf])
+    # myalgo is typed by the schema of the file it builds on (grpo)
+    with pytest.raises(ConfigError, match=r"'num_generatons' is not a key of algorithm\. Did you mean 'num_generations'"):
+        compose([f"hydra.searchpath=[file://{user_conf}]", "algorithm=myalgo", "algorithm.num_generatons=4"])
+    with pytest.raises(ConfigError, match=r"'reference' is not a key of algorithm"):
+        compose(["algorithm.reference.batch_size=3"], config_dirs=[user_conf])  # sft: no experiment picked dpo
+    with pytest.raises(ConfigError, match=r"debug=fast: no such option in debug/\. Valid options: none \(add DIR/debug/fast\.yaml and pass --config-dir DIR\)"):
+        compose(["debug=fast"])
+    with pytest.raises(ConfigError, match=r"config dir .*nope: no such directory"):
+        compose(["data=mydata"], config_dirs=[user_conf / "nope"])
+    with pytest.raises(ConfigError, match=r"hydra.searchpath: file://.*nope: no such directory"):
+        compose([f"hydra.searchpath=[file://{user_conf / 'nope'}]"])
+
+
+def test_user_groups_through_the_cli(user_conf):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "align_runner", *args], capture_output=True, text=True, timeout=300,
+                              cwd=user_conf.parent)
+
+    bad = cli("--config-dir", str(user_conf), "data=mydat")
+    assert bad.returncode == 2 and "Did you mean 'mydata'" in bad.stderr and "Traceback" not in bad.stderr
+    shown = cli("-cd", str(user_conf), "experiment=myrecipe", "data=mydata", "--cfg", "job")
+    assert shown.returncode == 0, shown.stderr
+    assert "name: mydata" in shown.stdout and "lr: 0.00123" in shown.stdout and "kind: dpo" in shown.stdout
+    # a run composes in the launcher first, then in Hydra's main: both see the relative dir
+    plan = cli("--config-dir=conf", "experiment=myrecipe", "pipeline.dry_run=true", f"paths.outputs={user_conf.parent / 'out'}")
+    assert plan.returncode == 0, plan.stderr
+    assert "model=tiny" in plan.stdout and "│ dpo " in plan.stdout
