@@ -19,7 +19,7 @@ SPLITS = ("train", "eval")
 
 
 def is_set(source: Mapping | None) -> bool:
-    """Whether a source names rows: data=local ships ``data.eval`` with no path, meaning none (a null
+    """Whether a source names rows: data=local ships its sources with no path, meaning none (a null
     node could not take a ``data.eval.path=...`` override)."""
     return source is not None and (source.get("path") is not None or source.get("rows") is not None)
 
@@ -38,12 +38,17 @@ def view_source(data: Mapping, view: str, split: str, formats: Mapping[str, tupl
     """The source of ``view``/``split``: its own, else the shared one when its format feeds ``view``;
     None when neither (``formats`` from :func:`shared_formats`)."""
     own = (data.get(view) or {}).get(split)
-    if own is not None:
+    if is_set(own):
         return own
     shared = data.get(split)
     if is_set(shared) and feeds(formats[split][0], view):
         return shared
     return None
+
+
+def own_views(data: Mapping) -> list[str]:
+    """The views with a source of their own (``data.<view>.<split>`` naming rows)."""
+    return [v for v in VIEWS if any(is_set((data.get(v) or {}).get(split)) for split in SPLITS)]
 
 
 def fed_views(formats: Mapping[str, tuple[Format, str]]) -> list[str]:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from align_runner.config import stage_train
 from align_runner.data.prepare import VIEWS, accepted_formats
 from align_runner.data.sources import fingerprint_source
-from align_runner.data.views import SPLITS, fed_views, is_set, shared_formats, view_source
+from align_runner.data.views import SPLITS, fed_views, is_set, own_views, shared_formats, view_source
 from align_runner.models.fingerprint import source_fingerprint
 from align_runner.registry import Input, get_stage
 from align_runner.stages.context import StageSpec
@@ -155,7 +155,8 @@ def data_views(cfg: DictConfig, specs: list[StageSpec]) -> list[str]:
     data, formats = _data_sources(cfg)
     read = {v for s in specs for v in get_stage(s.kind).views}
     shared = [v for v in fed_views(formats) if v in read]
-    built = [v for v in VIEWS if data.get(v) is not None or v in shared]
+    own = own_views(data)
+    built = [v for v in VIEWS if v in own or v in shared]
     required = {s.name: get_stage(s.kind).views[0] for s in specs if get_stage(s.kind).views}
     for view in dict.fromkeys(required.values()):
         if view not in built:
@@ -166,7 +167,7 @@ def data_views(cfg: DictConfig, specs: list[StageSpec]) -> list[str]:
 def _unfed(cfg: DictConfig, stages: list[str], view: str, formats: Mapping[str, tuple[Any, str]]) -> str:
     where = f"{'stage' if len(stages) == 1 else 'stages'} {', '.join(map(repr, stages))} read the {view!r} view"
     if not formats:
-        configured = [v for v in VIEWS if cfg.data.get(v) is not None]
+        configured = own_views(OmegaConf.to_container(cfg.data, resolve=True))
         return f"{where}, which data={cfg.data.name} does not define (it defines: {configured})"
     files = " and ".join(f"data.{split} ({label}) holds {fmt} data" for split, (fmt, label) in formats.items())
     return f"{where}, but {files}, which cannot feed it; {view!r} takes: {accepted_formats(view)}"
@@ -176,7 +177,7 @@ def _data_sources(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, tuple[Any,
     """The resolved data config and the format of each shared source (read from its first row)."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     assert isinstance(data, dict)
-    if data.get("train") is not None and not is_set(data["train"]) and not any(data.get(v) for v in VIEWS):
+    if data.get("train") is not None and not is_set(data["train"]) and not own_views(data):
         raise PipelineConfigError(
             f"data.train.path is not set: data={cfg.data.name} reads rows from data.train.path=<a jsonl / json / "
             "parquet / csv file, a save_to_disk folder or a hub dataset id>"

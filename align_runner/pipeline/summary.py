@@ -1,6 +1,9 @@
-"""The end-of-run table: each stage, cached or computed, its time and key metrics, before -> after."""
+"""The end-of-run table: each stage, cached or computed, its time and key metrics, the rows each data
+view was prepared from (and what was cut or dropped), before -> after."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from omegaconf import DictConfig
 from rich.console import Console
@@ -25,6 +28,26 @@ def summary_table(result: RunResult) -> Table:
     return table
 
 
+def data_counts(metrics: Mapping[str, float]) -> list[str]:
+    """One line per prepared ``view/split`` of data_prep's metrics: rows in the source, rows cut by its
+    limit, rows kept (and truncated), rows dropped for length or for having nothing to train on."""
+    counts: dict[str, dict[str, int]] = {}
+    for key, value in metrics.items():
+        where, _, name = key.rpartition("/")
+        if where.count("/") == 1:
+            counts.setdefault(where, {})[name] = int(value)
+    lines = []
+    for where, c in counts.items():
+        parts = [f"{c.get('rows', c.get('total', 0))} rows"]  # manifests before `rows` have only `total`
+        if c.get("limited"):
+            parts.append(f"{c['limited']} cut by limit")
+        parts.append(f"kept {c.get('kept', 0)}" + (f" ({c['truncated']} truncated)" if c.get("truncated") else ""))
+        if c.get("dropped"):
+            parts.append(f"dropped {c['dropped']} (over the length limits, or nothing to train on)")
+        lines.append(f"{where}: {', '.join(parts)}")
+    return lines
+
+
 def before_after(result: RunResult) -> list[str]:
     names = {r.name for r in result.stages}
     if not {"eval_before", "eval_after"} <= names:
@@ -36,6 +59,9 @@ def before_after(result: RunResult) -> list[str]:
 def print_summary(cfg: DictConfig, result: RunResult) -> None:
     console = Console()
     console.print(summary_table(result))
+    prep = next((r for r in result.stages if r.kind == "data_prep"), None)
+    if prep is not None:
+        console.print("data: " + "; ".join(data_counts(prep.metrics)))
     lines = before_after(result)
     if lines:
         console.print("before -> after: " + "; ".join(lines))
