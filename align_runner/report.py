@@ -66,6 +66,11 @@ def write_report(run_dir: str | Path) -> Path:
     plot_dir.mkdir(exist_ok=True)
 
     parts = [_header(run_dir, run), "## Stages", _stage_table(stages)]
+    prep = next((s for s in stages if s["kind"] == "data_prep"), None)
+    if prep is not None:  # the true row counts: what each view was prepared from, and what was cut
+        from align_runner.pipeline.summary import data_counts
+
+        parts += ["## Data", "\n".join(f"- {line}" for line in data_counts(prep["metrics"]))]
     by_name = {s["name"]: s for s in stages}
     before, after = by_name.get("eval_before"), by_name.get("eval_after")
     if before is not None and after is not None:
