@@ -132,6 +132,21 @@ def test_grpo_quickstart_with_accuracy_reward(tiny_dir):
     assert AutoModelForCausalLM.from_pretrained("grpo-out").config.vocab_size == 512
 
 
+def test_reward_quickstart_then_its_model_scores_grpo(tiny_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from align_runner.trl import GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
+
+    RewardTrainer(model=tiny_dir, args=fast(RewardConfig, "rm-out"), train_dataset=ultrafeedback(8)).train()
+    assert AutoModelForSequenceClassification.from_pretrained("rm-out").config.num_labels == 1
+
+    trainer = GRPOTrainer(model=tiny_dir, reward_funcs="rm-out", train_dataset=[{"prompt": f"{i} + 1 ="} for i in range(4)],
+                          args=GRPOConfig(output_dir="g-out", max_steps=1, max_completion_length=4,
+                                          gradient_checkpointing=False, disable_tqdm=True))
+    out = trainer.train()
+    assert out.global_step == 1 and out.metrics["rewards/rm_out/std"] > 0  # the model's scores differ per completion
+
+
 # --------------------------------------------------------------------------------------- inputs
 def test_a_pretrained_model_and_its_saved_dir_give_the_same_keys(tiny_dir, tmp_path):
     from align_runner.trl import SFTConfig, SFTTrainer
@@ -177,8 +192,7 @@ def test_peft_config_trains_a_lora_adapter(tiny_dir):
     assert "model.lora.target_modules=[q_proj,v_proj]" in trainer.overrides
     trainer.train()
 
-    adapter = Path("lora-out") / "adapter_model.safetensors"
-    weights = load_file(str(adapter)) if adapter.exists() else load_file(str(Path("lora-out") / "adapter" / "adapter_model.safetensors"))
+    weights = load_file(str(Path("lora-out") / "adapter_model.safetensors"))  # TRL's layout: the adapter
     b = [v for k, v in weights.items() if "lora_B" in k]
     assert b and {re.search(r"(q_proj|v_proj)", k).group(1) for k in weights} == {"q_proj", "v_proj"}
     assert all(v.abs().sum() > 0 for v in b)  # B starts at zero: non-zero means the adapter trained
