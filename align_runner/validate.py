@@ -3,7 +3,8 @@
 Two passes: ``check_override_keys`` reads the command line before Hydra composes (a misspelt key gets
 the valid keys and a suggestion, which Hydra's own "not in struct" error lacks); ``validate`` checks
 the composed config: value ranges, every ``_target_`` importable with keyword names its callable
-accepts, and the pipeline graph.
+accepts, and the pipeline graph. Group options are looked up where Hydra looks (``search_dirs``): the
+shipped tree, then the user's ``--config-dir`` and ``hydra.searchpath`` folders.
 """
 
 from __future__ import annotations
