@@ -214,16 +214,17 @@ def _write(src: Source, dest: Path, *, final: Path, merge_lora: bool, repo: str 
     from align_runner.models.peft import ADAPTER_DIR
 
     adapter = src.model_dir / ADAPTER_DIR
+    tokenizer = AutoTokenizer.from_pretrained(src.model_dir)
     base = None
     if (adapter / ADAPTER_CONFIG).is_file() and not merge_lora:
         base = _export_adapter(src, adapter, dest, final)
-        AutoTokenizer.from_pretrained(src.model_dir).save_pretrained(dest)
+        tokenizer.save_pretrained(dest)
     else:
-        _copy_files(src.model_dir, dest)
+        _copy_files(src.model_dir, dest)  # its tokenizer files included
     if _kind(src.manifest["kind"], src.stage_dir).policy:  # a reward model generates nothing
         ran_eval = any(s["kind"] == "eval" for s in (src.run or {}).get("stages", []))
         eval_cfg = (src.config or {}).get("eval") if ran_eval else None
-        generation_config(src.model_dir, AutoTokenizer.from_pretrained(src.model_dir), eval_cfg).save_pretrained(dest)
+        generation_config(src.model_dir, tokenizer, eval_cfg).save_pretrained(dest)
     (dest / "README.md").write_text(model_card(src, adapter_base=base, location=repo or str(final)))
 
 
@@ -295,16 +296,13 @@ def generation_config(model_dir: Path, tokenizer: Any, eval_cfg: dict[str, Any] 
     return gen
 
 
-def push(folder: Path, repo_id: str, *, private: bool) -> str:
-    """Upload ``folder`` to the hub model repo ``repo_id`` (created when missing); returns the commit URL."""
+def push(folder: Path, repo_id: str, *, private: bool) -> None:
+    """Upload ``folder`` to the hub model repo ``repo_id`` (created when missing)."""
     from huggingface_hub import HfApi
 
     api = HfApi()  # reads the token from HF_TOKEN or the stored login; nothing here writes it
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message="Upload align_runner export"
-    )
-    return str(getattr(info, "commit_url", info))
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message="Upload align_runner export")
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -332,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print(out)
+    if args.push_to_hub:
+        print(f"uploaded to the hub repo {args.push_to_hub}", file=sys.stderr)
     return 0
 
 

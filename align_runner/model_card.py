@@ -58,7 +58,12 @@ def _algorithm(src: Source) -> str:
 def _front_matter(src: Source, adapter_base: str | None, policy: bool) -> str:
     kind, algorithm = src.manifest["kind"], _algorithm(src)
     tags = ["align_runner", kind, *([algorithm] if algorithm != kind else []), *(["lora"] if adapter_base else [])]
-    base = hub_origin(src) if adapter_base is None else (None if Path(adapter_base).is_absolute() else adapter_base)
+    # the hub's base_model must be a hub id: the run's hub model for a full model, the adapter's own base
+    # for an adapter (a local base, copied into base/, has none)
+    if adapter_base is None:
+        base = hub_origin(src)
+    else:
+        base = None if Path(adapter_base).is_absolute() else adapter_base
     meta: dict[str, Any] = {"base_model": base} if base else {}
     meta |= {
         "library_name": "peft" if adapter_base else "transformers",
@@ -83,7 +88,7 @@ def _intro(src: Source, adapter_base: str | None) -> str:
 
 def _base_text(src: Source, adapter_base: str | None) -> str:
     source = ((src.manifest.get("config") or {}).get("model") or {}).get("source") or {}
-    origin = f"`model.source`: `{yaml.safe_dump(redact(source), default_flow_style=True, sort_keys=True).strip()}`"
+    origin = f"`model.source`: `{yaml.safe_dump(redact(source), default_flow_style=True, sort_keys=True, width=10**6).strip()}`"
     if adapter_base is None:
         return origin + "."
     if not Path(adapter_base).is_absolute():

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -291,6 +290,27 @@ def test_lora_adapter_exports_with_a_base_that_loads_from_any_cwd(tmp_path, monk
         == str(tmp_path / "old" / "base")
 
 
+def test_an_adapter_on_an_upstream_stage_finds_that_stage_after_outputs_moved(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    outputs = tmp_path / "outputs"
+    run_dir = api.run([*TINY, *LORA, f"paths.outputs={outputs}", f"paths.cache={tmp_path / 'cache'}",
+                       "algorithm=dpo", "pipeline.eval=false", "train.max_steps=2", "train.lr=1e-2"]).run_dir
+    sft, dpo = _stage(run_dir, "sft"), _stage(run_dir, "dpo")
+    # DPO's adapter sits on the SFT stage's merged model, recorded by its absolute store path
+    recorded = json.loads((Path(dpo["dir"]) / "model" / "adapter" / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str(Path(sft["dir"]) / "model")
+
+    moved = tmp_path / "moved"
+    os.rename(outputs, moved)  # that path is gone; the run finds the SFT stage by its key
+    out = export(moved / run_dir.relative_to(outputs), tmp_path / "dpo-adapter")
+    moved_sft = moved / Path(sft["dir"]).relative_to(outputs)
+    assert (out / "base" / "model.safetensors").read_bytes() == (moved_sft / "model" / "model.safetensors").read_bytes()
+    merged = _causal_lm_logits(moved / Path(dpo["dir"]).relative_to(outputs) / "model")
+    assert torch.allclose(_logits(AutoPeftModelForCausalLM.from_pretrained(out)), merged, atol=1e-5)
+    assert {"dpo", "lora"} <= set(_card(out)[0]["tags"])
+
+
 SECRET = "hf_export_test_secret_123"
 
 
@@ -306,7 +326,6 @@ class FakeHfApi:
     def upload_folder(self, **kwargs):
         files = sorted(str(p.relative_to(kwargs["folder_path"])) for p in Path(kwargs["folder_path"]).rglob("*"))
         self.calls.append(("upload_folder", files, kwargs))
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/1")
 
 
 def test_cli_run_card_has_its_command_and_push_keeps_the_token_off_disk(tmp_path, model_cache, monkeypatch):
