@@ -165,10 +165,10 @@ def data_views(cfg: DictConfig, specs: list[StageSpec]) -> list[str]:
 
 
 def _unfed(cfg: DictConfig, stages: list[str], view: str, formats: Mapping[str, tuple[Any, str]]) -> str:
-    where = f"{'stage' if len(stages) == 1 else 'stages'} {', '.join(map(repr, stages))} read the {view!r} view"
     if not formats:
         configured = own_views(OmegaConf.to_container(cfg.data, resolve=True))
-        return f"{where}, which data={cfg.data.name} does not define (it defines: {configured})"
+        return f"stage {stages[0]!r} reads data.{view}, which data={cfg.data.name} does not define (it defines: {configured})"
+    where = f"{'stage' if len(stages) == 1 else 'stages'} {', '.join(map(repr, stages))} read the {view!r} view"
     files = " and ".join(f"data.{split} ({label}) holds {fmt} data" for split, (fmt, label) in formats.items())
     return f"{where}, but {files}, which cannot feed it; {view!r} takes: {accepted_formats(view)}"
 
