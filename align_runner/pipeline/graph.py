@@ -168,7 +168,8 @@ def _unfed(cfg: DictConfig, stages: list[str], view: str, formats: Mapping[str, 
     if not formats:
         configured = own_views(OmegaConf.to_container(cfg.data, resolve=True))
         return f"stage {stages[0]!r} reads data.{view}, which data={cfg.data.name} does not define (it defines: {configured})"
-    where = f"{'stage' if len(stages) == 1 else 'stages'} {', '.join(map(repr, stages))} read the {view!r} view"
+    names = ", ".join(map(repr, stages))
+    where = f"stage {names} reads the {view!r} view" if len(stages) == 1 else f"stages {names} read the {view!r} view"
     files = " and ".join(f"data.{split} ({label}) holds {fmt} data" for split, (fmt, label) in formats.items())
     return f"{where}, but {files}, which cannot feed it; {view!r} takes: {accepted_formats(view)}"
 
