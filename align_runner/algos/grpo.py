@@ -28,7 +28,7 @@ class PolicyBatch(NamedTuple):
     mask: Tensor
     """(B, T) 1 on the completion tokens that count."""
     advantages: Tensor
-    """(B,) one advantage per completion (see ``advantages.py``)."""
+    """(B,) one advantage per completion (see ``advantages.py``), or (B, T) one per token (PPO's GAE)."""
     weights: Tensor
     """(B, T) from an aggregation in ``reduce.py``."""
     num_items: Tensor | float
@@ -50,9 +50,10 @@ def _check(batch: PolicyBatch) -> None:
         value = getattr(batch, name)
         if value is not None and value.shape != shape:
             raise ValueError(f"PolicyBatch.{name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
-    if batch.advantages.shape != shape[:1]:
+    if batch.advantages.shape not in (shape[:1], shape):
         raise ValueError(
-            f"PolicyBatch.advantages has shape {tuple(batch.advantages.shape)}, expected ({shape[0]},)"
+            f"PolicyBatch.advantages has shape {tuple(batch.advantages.shape)}, expected "
+            f"({shape[0]},) or {tuple(shape)}"
         )
 
 
