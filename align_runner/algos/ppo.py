@@ -294,24 +294,53 @@ def ppo_policy_loss(batch: PolicyBatch, *, clip_range: float = 0.2) -> LossOutpu
     return LossOutput(out.loss, metrics)
 
 
-def rollout_stats(scores: Tensor, kl: Tensor, mask: Tensor, *, kl_coef: float) -> dict[str, Tensor]:
+def rollout_stats(
+    scores: Tensor, kl: Tensor, mask: Tensor, *, kl_coef: float, logps: Tensor | None = None
+) -> dict[str, Tensor]:
     """Statistics of one rollout (detached scalars), under the names PPO users know:
 
       * ``objective/kl``: mean over completions of the per-row sum of the per-token KL;
       * ``objective/non_score_reward``: mean over completions of the per-row sum of -kl_coef * kl;
       * ``objective/rlhf_reward``: mean of scores + that per-row non-score reward (what PPO maximises);
-      * ``objective/scores``: mean score.
+      * ``objective/scores``: mean score;
+      * ``objective/entropy`` (when the sampled tokens' ``logps`` are given): mean over completions
+        of the per-row sum of -logps, a one-sample estimate of the sequence entropy.
 
     scores: (B,) after any ``missing_eos_penalty``; kl: (B, T) from ``token_rewards``.
     """
-    _check_2d(mask, kl=kl)
+    _check_2d(mask, kl=kl, **({} if logps is None else {"logps": logps}))
     _check_rows(mask, scores=scores)
     with torch.no_grad():
         kl_per_row = masked_sum(kl.detach().float(), mask, dim=-1)
         non_score = -kl_coef * kl_per_row
-        return {
+        stats = {
             "objective/kl": kl_per_row.mean(),
             "objective/non_score_reward": non_score.mean(),
             "objective/rlhf_reward": (scores.detach().float() + non_score).mean(),
             "objective/scores": scores.detach().float().mean(),
         }
+        if logps is not None:
+            stats["objective/entropy"] = masked_sum(-logps.detach().float(), mask, dim=-1).mean()
+        return stats
+
+
+def minibatch_indices(
+    num_samples: int, mini_batch_size: int, *, ppo_epochs: int, generator: torch.Generator | None = None
+) -> list[Tensor]:
+    """Row indices of every mini-batch of one rollout: ``ppo_epochs`` passes, each a fresh shuffle
+    cut into ``num_samples / mini_batch_size`` mini-batches (Schulman et al. 2017, Algorithm 1: K
+    epochs of minibatch SGD on the same rollout). Every epoch visits each row exactly once.
+
+    ``num_samples`` must be a multiple of ``mini_batch_size``, so every optimizer step averages over
+    the same number of completions; pass a seeded ``generator`` for a reproducible order.
+    """
+    if mini_batch_size <= 0 or ppo_epochs <= 0 or num_samples % mini_batch_size:
+        raise ValueError(
+            f"need ppo_epochs > 0 and a rollout of {num_samples} samples that is a positive multiple of "
+            f"mini_batch_size; got mini_batch_size={mini_batch_size}, ppo_epochs={ppo_epochs}"
+        )
+    return [
+        batch
+        for _ in range(ppo_epochs)
+        for batch in torch.randperm(num_samples, generator=generator).split(mini_batch_size)
+    ]
