@@ -111,7 +111,7 @@ def missing_eos_penalty(scores: Tensor, has_eos: Tensor, penalty: float | None) 
     """Scores with ``penalty`` subtracted from completions that did not end with EOS, (B,) -> (B,).
 
     A truncated completion is usually an unfinished answer that the reward model may still score
-    well; penalising it teaches the policy to finish (Huang et al. 2024, detail 4, who replace the
+    well; penalising it teaches the policy to finish (Huang et al. 2024, who replace the
     score by a constant instead). ``penalty`` None or 0 leaves the scores unchanged.
     """
     if has_eos.shape != scores.shape:
