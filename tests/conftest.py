@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,21 @@ def count_optimizer_steps(monkeypatch):
 
     monkeypatch.setattr(torch.optim.AdamW, "step", counting)
     return calls
+
+
+@pytest.fixture
+def tiny_dir(model_cache) -> str:
+    """A tiny random model (and tokenizer) saved as a local Hugging Face checkpoint."""
+    from align_runner.models.tiny import build_tiny
+
+    return build_tiny(model_cache)
+
+
+@pytest.fixture
+def outputs_here(tmp_path, monkeypatch) -> Path:
+    """Runs, store and the TRL facade's cache in the test's tmp dir, which is also the cwd (TRL's
+    relative output_dir lands there)."""
+    monkeypatch.setenv("ALIGN_RUNNER_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.delenv("ALIGN_RUNNER_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "outputs"

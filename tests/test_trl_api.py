@@ -17,23 +17,7 @@ from align_runner.pipeline.runner import plan
 from align_runner.pipeline.store import StageStore
 from align_runner.validate import ConfigError
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def tiny_dir(model_cache) -> str:
-    from align_runner.models.tiny import build_tiny
-
-    return build_tiny(model_cache)
-
-
-@pytest.fixture(autouse=True)
-def outputs(tmp_path, monkeypatch) -> Path:
-    """Runs, store and the trainers' cache in the test's tmp dir; TRL's relative output_dir lands there too."""
-    monkeypatch.setenv("ALIGN_RUNNER_OUTPUTS", str(tmp_path / "outputs"))
-    monkeypatch.delenv("ALIGN_RUNNER_CACHE", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "outputs"
+pytestmark = pytest.mark.usefixtures("one_thread", "outputs_here")
 
 
 def capybara(n: int = 16) -> Dataset:

@@ -16,29 +16,14 @@ from align_runner.pipeline.runner import plan
 from align_runner.pipeline.store import StageStore
 from align_runner.trl import cli
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "outputs_here")
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def tiny_dir(model_cache) -> str:
-    from align_runner.models.tiny import build_tiny
-
-    return build_tiny(model_cache)
-
-
-@pytest.fixture(autouse=True)
-def outputs(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("ALIGN_RUNNER_OUTPUTS", str(tmp_path / "outputs"))
-    monkeypatch.delenv("ALIGN_RUNNER_CACHE", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "outputs"
 
 
 ROWS = [{"prompt": f"{i} + {i} =", "completion": f" {2 * i}"} for i in range(12)]
 
 
-def test_hydra_overrides_flags_and_the_python_api_give_one_stage_key(tiny_dir, tmp_path, outputs):
+def test_hydra_overrides_flags_and_the_python_api_give_one_stage_key(tiny_dir, tmp_path, outputs_here):
     from align_runner.trl import SFTConfig, SFTTrainer
     from align_runner.trl.inputs import jsonl_bytes
 
@@ -59,7 +44,7 @@ def test_hydra_overrides_flags_and_the_python_api_give_one_stage_key(tiny_dir, t
         output_dir="api-out", learning_rate=1e-3, per_device_train_batch_size=4, max_steps=2, gradient_checkpointing=False))
 
     assert cli.main(flags) == 0
-    run = json.loads(next(outputs.glob("*/*/sft-*/run.json")).read_text())
+    run = json.loads(next(outputs_here.glob("*/*/sft-*/run.json")).read_text())
     key = {s["name"]: s["key"] for s in run["stages"]}["sft"]
     cfg = api.compose(hydra)
     assert {p.spec.name: p.key for p in plan(cfg, StageStore(cfg.paths.store))}["sft"] == key
