@@ -249,29 +249,37 @@ class GenerationConfig:
 
 
 @dataclass
-class OnlineAlgorithmConfig(AlgorithmConfig):
-    """Online RL (GRPO and its variants): rollout -> score -> advantages -> updates, repeated."""
+class RolloutAlgorithmConfig(AlgorithmConfig):
+    """What every online RL algorithm (GRPO, PPO) has: rollout -> score -> updates, repeated."""
 
-    # completions sampled per prompt (G); advantages compare the completions of one prompt
-    num_generations: int = 8
-    # prompts per rollout over all processes (the rollout has prompts_per_rollout x num_generations rows)
+    # prompts per rollout over all processes
     prompts_per_rollout: int = 8
     # rollouts to train for
     rollouts: int = 20
     # optimizer steps one rollout is split into (each sees prompts_per_rollout / steps_per_rollout prompts)
     steps_per_rollout: int = 1
-    # passes over each rollout (the GRPO paper's mu); > 1 reuses samples, clipped by the ratio to the old policy
-    num_iterations: int = 1
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     # name -> reward function _target_ with TRL's signature fn(prompts=, completions=, completion_ids=, **columns)
     rewards: dict[str, Any] = field(default_factory=dict)
     # name -> weight of each reward (missing: 1.0); "reward_model" weighs the reward stage's score when the
     # pipeline has one
     reward_weights: dict[str, float] = field(default_factory=dict)
-    # advantages from a rollout's rewards: a _target_ fn(rewards (N,), group_size) -> (N,)
-    advantage: Any = None
     # loss aggregation: a _target_ fn(mask, **context) -> (token weights, num_items) (align_runner.algos.reduce)
     aggregation: Any = None
+    # completions per rollout written to rollouts.jsonl for the report
+    samples: int = 4
+
+
+@dataclass
+class OnlineAlgorithmConfig(RolloutAlgorithmConfig):
+    """GRPO and its variants: a group of completions per prompt, advantages within the group."""
+
+    # completions sampled per prompt (G); advantages compare the completions of one prompt
+    num_generations: int = 8
+    # passes over each rollout (the GRPO paper's mu); > 1 reuses samples, clipped by the ratio to the old policy
+    num_iterations: int = 1
+    # advantages from a rollout's rewards: a _target_ fn(rewards (N,), group_size) -> (N,)
+    advantage: Any = None
     # completions cut by max_new_tokens count nowhere in the loss (DAPO's overlong filtering)
     mask_truncated_completions: bool = False
     # groups whose completions all got the same reward count nowhere in the loss (no signal; DAPO)
@@ -280,8 +288,49 @@ class OnlineAlgorithmConfig(AlgorithmConfig):
     # gradients for far less compute when prompts are long; false for attention kernels without
     # arbitrary masks (flash-attention)
     share_prompts: bool = True
-    # completions per rollout written to rollouts.jsonl for the report
-    samples: int = 4
+
+
+class CriticInit(_StrEnum):
+    reward = "reward"  # the reward stage's backbone and score head: initial values are its scores
+    policy = "policy"  # the policy's input model with a zero head: initial values are 0
+
+
+@dataclass
+class CriticConfig:
+    # where the value model's backbone comes from
+    init: CriticInit = CriticInit.reward
+    # changes to the PPO stage's train settings for the critic (its own optimizer and schedule); the
+    # micro-batches are the policy's
+    train: TrainOverrides = field(default_factory=TrainOverrides)  # type: ignore[valid-type]
+    # the value loss: a _target_ fn(values, old_values, returns, mask, weights, num_items) -> LossOutput
+    loss: Any = None
+
+
+@dataclass
+class PPOAlgorithmConfig(RolloutAlgorithmConfig):
+    """PPO with a learned critic (classic RLHF): one completion per prompt, per-token rewards with a
+    KL penalty, GAE advantages, policy and value updates."""
+
+    # passes over each rollout
+    ppo_epochs: int = 4
+    # KL penalty per token in the rewards (the initial value when kl_target is set)
+    kl_coef: float = 0.05
+    # per-token KL estimator in the rewards: k1 (log-ratio), k2 or k3 (align_runner.algos.kl)
+    kl_estimator: str = "k1"
+    # adaptive KL: the coefficient moves so the rollout's KL approaches this; null = fixed kl_coef
+    kl_target: Optional[float] = None
+    # completions over which the adaptive coefficient closes its gap to kl_target
+    kl_horizon: float = 10000.0
+    # discount and GAE lambda
+    gamma: float = 1.0
+    lam: float = 0.95
+    # subtracted from the score of a completion that ends without EOS; null = none
+    missing_eos_penalty: Optional[float] = None
+    # whiten the per-token rewards over the rollout (keeping their mean) before GAE
+    whiten_rewards: bool = False
+    # whiten the advantages over the rollout (all processes) before the policy update
+    whiten_advantages: bool = True
+    critic: CriticConfig = field(default_factory=CriticConfig)
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -406,6 +455,7 @@ ALGORITHM_SCHEMAS: dict[str, type] = {
     "algorithm_schema": AlgorithmConfig,
     "preference_schema": PreferenceAlgorithmConfig,
     "online_schema": OnlineAlgorithmConfig,
+    "ppo_schema": PPOAlgorithmConfig,
 }
 
 

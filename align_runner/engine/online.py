@@ -53,7 +53,7 @@ def fit_online(
 ) -> FitResult:
     """Run ``rollouts`` rollouts; each is passed over ``epochs`` times (GRPO's mu), every optimizer step
     updating each model of ``updates`` in turn. Logs one row per rollout (its metrics plus the mean of
-    the steps' metrics, the first model's unprefixed and the others' under ``<name>/``)."""
+    the steps' metrics, the first model's unprefixed and the others' bare names under ``<name>/``)."""
     t = engine.train
     states = [u.state for u in updates]
     start = engine.restore(states, total=rollouts, unit="rollout")
@@ -69,7 +69,9 @@ def fit_online(
                 for n, u in enumerate(updates):
                     row = engine.train_step(u.state, u.step, batches)
                     for k, v in (row or {}).items():
-                        name = k if n == 0 else f"{u.state.name}/{k}"
+                        # a later model's bare names (the engine's loss, lr, grad_norm) would clash with the
+                        # first's; a name with a group of its own (PPO's val/clipfrac_avg) is kept as is
+                        name = k if n == 0 or "/" in k else f"{u.state.name}/{k}"
                         sums[name] = sums.get(name, 0.0) + v
                         counts[name] = counts.get(name, 0) + 1
         done = i + 1

@@ -16,9 +16,7 @@ completions/{mean,min,max}_length, completions/clipped_ratio, kl, entropy, clip_
 
 from __future__ import annotations
 
-import math
 from functools import partial
-from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -28,32 +26,28 @@ from align_runner.algos.advantages import zero_std_groups
 from align_runner.algos.grpo import PolicyBatch
 from align_runner.algos.logprobs import token_logps
 from align_runner.algos.policy import entropy_from_logits
-from align_runner.algos.rewards import reward_metrics, score_completions
+from align_runner.algos.rewards import reward_metrics
 from align_runner.data.collate import collate_completions
-from align_runner.engine.loop import schedule_indices
 from align_runner.engine.online import Rollout, Update, fit_online
-from align_runner.engine.rollout import Generator, eos_token_ids, row_seed
-from align_runner.models.peft import is_peft_model, reference_mode
+from align_runner.engine.rollout import row_seed
+from align_runner.models.peft import is_peft_model
 from align_runner.registry import Input, register_stage
 from align_runner.stages.context import StageContext
+from align_runner.stages.rollouts import (
+    check_rollout_sizes,
+    check_scorers,
+    completion_logits,
+    completion_logps,
+    global_rows,
+    make_generator,
+    rank_prompts,
+    reference_logps,
+    reward_functions,
+    rollout_order,
+    sample,
+    score,
+)
 from align_runner.validate import require
-
-
-def completion_logits(model, batch: dict):
-    """Logits predicting each completion token, (B, C, V): the LM head runs on those columns only
-    (``logits_to_keep``), not on the prompt's, which carry no loss (see ``collate_completions``)."""
-    width = batch["completion_ids"].shape[1]
-    shared = "logit_index" in batch  # the shared-prompt layout: one packed row per prompt
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=batch["logit_index"] if shared else width + 1,
-    ).logits
-    if shared:
-        packed = logits.view(logits.shape[0], -1, width, logits.shape[-1])
-        return packed[batch["row_of"], batch["slot_of"]]
-    return logits[:, -width - 1 : -1]
 
 
 def grpo_step(model, batch: dict, *, loss_fn):
@@ -76,74 +70,12 @@ def grpo_step(model, batch: dict, *, loss_fn):
     )
 
 
-@torch.no_grad()
-def completion_logps(model, batch: dict, backend) -> torch.Tensor:
-    """Log-probs (B, C) of a collated batch's completion tokens under ``model`` (0 on padding), on the
-    CPU: the old policy's or the reference's, kept with the batch for its optimizer steps."""
-    on_device = {k: v.to(backend.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    with backend.autocast():
-        logps = token_logps(completion_logits(model, on_device), on_device["completion_ids"])
-    return (logps.float() * on_device["completion_mask"]).cpu()
-
-
-def rank_prompts(order: list[int], steps: int, rank: int, world: int) -> list[list[tuple[int, int]]]:
-    """This process's (position in the rollout, prompt index) pairs for each optimizer step.
-
-    Step k trains on the k-th block of the rollout's prompts; each process takes an equal sub-block,
-    so the prompts of a step are the same whatever the number of processes.
-    """
-    per_step = len(order) // steps
-    per_rank = per_step // world
-    out = []
-    for k in range(steps):
-        first = k * per_step + rank * per_rank
-        out.append([(j, order[j]) for j in range(first, first + per_rank)])
-    return out
-
-
-def _global(values: torch.Tensor, positions: list[int], size: int, backend) -> torch.Tensor:
-    """A rollout-wide (size, ...) tensor from each process's rows at their global ``positions``."""
-    full = torch.zeros((size, *values.shape[1:]), dtype=torch.float64)
-    full[positions] = values.double()
-    return backend.all_reduce_sum(full).cpu()
-
-
-def _rewards(ctx: StageContext) -> dict[str, Any]:
-    funcs = {name: instantiate(node) for name, node in ctx.section.rewards.items()}
-    if ctx.has_input("reward_model"):
-        from align_runner.models.scorer import RewardModelScorer
-
-        funcs["reward_model"] = RewardModelScorer(
-            ctx.input_dir("reward_model"), device=ctx.backend.device, dtype=ctx.dtype
-        )
-    return funcs
-
-
 def check_grpo(cfg, spec) -> None:
     """Compose-time check: the sizes fit together and something scores the completions."""
-    a, hw = OmegaConf.select(cfg, spec.config), cfg.hardware
-    world = int(hw.num_processes) * int(hw.num_nodes)
-    where = spec.config
+    a, where = OmegaConf.select(cfg, spec.config), spec.config
     require(a.num_generations >= 2, f"{where}.num_generations", "an integer >= 2 (advantages compare the completions of one prompt)", a.num_generations)
-    for key in ("rollouts", "steps_per_rollout", "num_iterations", "prompts_per_rollout"):
-        require(a[key] >= 1, f"{where}.{key}", "an integer >= 1", a[key])
-    blocks = int(a.steps_per_rollout) * world
-    require(
-        a.prompts_per_rollout % blocks == 0,
-        f"{where}.prompts_per_rollout",
-        f"a multiple of steps_per_rollout x processes = {a.steps_per_rollout} x {world} (each step's prompts are "
-        "dealt out to the processes in equal blocks)",
-        a.prompts_per_rollout,
-    )
-    g = a.generation
-    require(g.max_new_tokens >= 1, f"{where}.generation.max_new_tokens", "an integer >= 1", g.max_new_tokens)
-    require(g.temperature >= 0, f"{where}.generation.temperature", ">= 0 (0 = greedy)", g.temperature)
-    require(0 < g.top_p <= 1, f"{where}.generation.top_p", "a probability in (0, 1]", g.top_p)
-    require(g.top_k >= 0, f"{where}.generation.top_k", "an integer >= 0 (0 = off)", g.top_k)
-    require(0 <= g.min_p < 1, f"{where}.generation.min_p", "a fraction in [0, 1)", g.min_p)
-    require(g.batch_size >= 1, f"{where}.generation.batch_size", "an integer >= 1", g.batch_size)
-    scorers = dict(a.rewards) or {k: v for k, v in spec.inputs if k == "reward_model"}
-    require(bool(scorers), f"{where}.rewards", "at least one reward function, or a reward stage in the pipeline", {})
+    check_rollout_sizes(a, cfg, where, ("rollouts", "steps_per_rollout", "num_iterations", "prompts_per_rollout"))
+    check_scorers(a, spec, where)
 
 
 @register_stage(
@@ -167,7 +99,7 @@ def run_grpo(ctx: StageContext) -> dict[str, float]:
     if beta > 0 and not is_peft_model(backend.unwrap(state.model)):
         # a frozen copy of the input model; under LoRA the adapter-disabled policy is the reference
         reference = ctx.load_frozen_policy()
-    rollout = GRPORollout(ctx, state, tokenizer, prompts, _rewards(ctx), reference, with_ref=beta > 0)
+    rollout = GRPORollout(ctx, state, tokenizer, prompts, reward_functions(ctx), reference, with_ref=beta > 0)
     result = fit_online(
         engine,
         updates=[Update(state, partial(grpo_step, loss_fn=instantiate(a.loss)))],
@@ -190,17 +122,7 @@ class GRPORollout:
         self.G, self.P, self.S = int(a.num_generations), int(a.prompts_per_rollout), int(a.steps_per_rollout)
         if not prompts:
             raise ValueError("the prompt view's train split is empty; GRPO has nothing to sample from")
-        g = a.generation
-        self.generator = Generator(
-            eos_ids=eos_token_ids(ctx.backend.unwrap(state.model), tokenizer),
-            pad_id=tokenizer.pad_token_id,
-            max_new_tokens=int(g.max_new_tokens),
-            temperature=float(g.temperature),
-            top_p=float(g.top_p),
-            top_k=int(g.top_k),
-            min_p=float(g.min_p),
-            batch_size=int(g.batch_size),
-        )
+        self.generator = make_generator(a.generation, ctx.backend.unwrap(state.model), tokenizer)
         self.advantage = instantiate(a.advantage)
         self.aggregation = instantiate(a.aggregation)
         # off-policy steps (a second pass, or later steps of a split rollout) need the sampling policy's log-probs
@@ -209,25 +131,23 @@ class GRPORollout:
     def __call__(self, i: int) -> Rollout:
         a, backend, G = self.a, self.backend, self.G
         seed = int(self.ctx.cfg.seed)
-        steps_per_epoch = max(1, math.ceil(len(self.prompts) / self.P))
-        epoch, pos = divmod(i, steps_per_epoch)
-        order = schedule_indices(len(self.prompts), self.P, epoch, seed)[pos]
+        order = rollout_order(len(self.prompts), self.P, i, seed)
         blocks = rank_prompts(order, self.S, backend.rank, backend.world_size)
         local = [(j, idx) for block in blocks for j, idx in block]
         rows = [self.prompts[idx] for _, idx in local for _ in range(G)]
         seeds = [row_seed(seed, i, j, g) for j, _ in local for g in range(G)]
         positions = [j * G + g for j, _ in local for g in range(G)]
-        completions = self._generate([r["prompt_ids"] for r in rows], seeds)
+        completions = sample(self.generator, self.state.model, [r["prompt_ids"] for r in rows], seeds, backend)
         ids = [c.ids for c in completions]
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
-        scores = self._score(rows, texts, ids)
+        scores = score(self.rewards, a.reward_weights, rows, texts, ids)
         size = self.P * G
         stats = torch.stack(
             [scores.total, *scores.per_function.values(), torch.tensor([float(c.truncated) for c in completions]),
              torch.tensor([float(len(x)) for x in ids])], dim=1
         )
-        full = _global(stats, positions, size, backend)
+        full = global_rows(stats, positions, size, backend)
         total = torch.nan_to_num(full[:, 0].float(), nan=0.0)  # a row no function applied to scores 0
         per_fn = {name: full[:, 1 + k].float() for k, name in enumerate(scores.per_function)}
         truncated, lengths = full[:, -2].bool(), full[:, -1]
@@ -265,31 +185,6 @@ class GRPORollout:
         ]
         return Rollout(steps, metrics, samples)
 
-    def _generate(self, prompt_ids, seeds):
-        backend = self.backend
-        sync = None
-        if backend.world_size > 1:  # sharded weights make every forward a collective: decode in lockstep
-            def sync(local_done: bool) -> bool:
-                return float(backend.all_reduce_sum(torch.tensor(float(not local_done))).item()) == 0.0
-
-        with backend.autocast():
-            return self.generator.generate(backend.unwrap(self.state.model), prompt_ids, seeds, sync=sync)
-
-    def _score(self, rows: list[dict], texts: list[str], ids: list[list[int]]):
-        skip = {"prompt", "prompt_text", "prompt_ids"}
-        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in skip}
-        columns["prompt_ids"] = [r["prompt_ids"] for r in rows]
-        conversational = isinstance(rows[0].get("prompt"), list)
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-        return score_completions(
-            self.rewards,
-            weights=dict(self.a.reward_weights),
-            prompts=[r.get("prompt", r.get("prompt_text")) for r in rows],
-            completions=completions,
-            completion_ids=ids,
-            columns=columns,
-        )
-
     def _batches(self, examples: list[dict], context: dict) -> list[dict]:
         mb = int(self.ctx.train.micro_batch_size)
         collate = partial(collate_completions, pad_id=self.tokenizer.pad_token_id, share_prompts=bool(self.a.share_prompts))
@@ -299,7 +194,7 @@ class GRPORollout:
             if self.needs_old:
                 batch["old_logps"] = completion_logps(self.state.model, batch, self.backend)
             if self.with_ref:
-                batch["ref_logps"] = self._ref_logps(batch)
+                batch["ref_logps"] = reference_logps(self.reference, self.state.model, batch, self.backend)
             keep = torch.tensor(batch.pop("keep"), dtype=torch.bool)
             mask = batch["completion_mask"] * keep[:, None]
             weights, num_items = torch.zeros(mask.shape), 0.0
@@ -309,10 +204,3 @@ class GRPORollout:
             batch.update(completion_mask=mask, weights=weights, num_items=num_items)
             batches.append(batch)
         return batches
-
-    def _ref_logps(self, batch: dict) -> torch.Tensor:
-        if self.reference is not None:
-            return completion_logps(self.reference, batch, self.backend)
-        with reference_mode(self.backend.unwrap(self.state.model)):
-            return completion_logps(self.state.model, batch, self.backend)
-

@@ -1,0 +1,310 @@
+"""ppo: PPO with a learned critic (classic RLHF: Ziegler et al. 2019; Ouyang et al. 2022), online on the
+prompt view.
+
+Each rollout samples one completion for each of ``prompts_per_rollout`` prompts and scores it (the
+pipeline's reward model, read at the completion's last token, plus any reward functions, weighted),
+with ``missing_eos_penalty`` off a completion that never ended. Per-token rewards are the score at the
+last token minus ``kl_coef`` x the KL to the frozen input model (the adapter-disabled policy under
+LoRA); ``kl_target`` makes the coefficient adaptive. GAE over the critic's values gives advantages
+(whitened over the whole rollout, every process's rows) and value targets; the rollout is then split
+into ``steps_per_rollout`` mini-batches and passed over ``ppo_epochs`` times, each optimizer step
+updating the policy (``algorithm.loss``, a clipped surrogate) and the critic (``algorithm.critic.loss``,
+a clipped value loss), each with its own optimizer and schedule (``algorithm.critic.train``).
+
+The critic (``models/critic.py``) starts from the reward model (``critic.init=reward``) or the policy,
+and is saved beside the policy as ``critic/``. Metrics use the names PPO users know: objective/kl,
+objective/entropy, objective/non_score_reward, objective/rlhf_reward, objective/scores, val/num_eos_tokens
+per rollout (over every process); policy/approxkl_avg, policy/clipfrac_avg, loss/policy_avg, val/ratio,
+loss/value_avg, val/clipfrac_avg per optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from align_runner.algos.kl import KL_ESTIMATORS
+from align_runner.algos.logprobs import masked_sum
+from align_runner.algos.ppo import (
+    adaptive_kl_coef,
+    gae,
+    masked_moments,
+    missing_eos_penalty,
+    rollout_stats,
+    token_rewards,
+    whiten,
+)
+from align_runner.config import stage_train
+from align_runner.data.collate import collate_completions
+from align_runner.engine.online import Rollout, Update, fit_online
+from align_runner.engine.rollout import row_seed
+from align_runner.fsutil import atomic_write_json
+from align_runner.models.critic import completion_values, load_critic
+from align_runner.models.peft import is_peft_model
+from align_runner.registry import Input, register_stage
+from align_runner.stages.context import StageContext
+from align_runner.stages.grpo import grpo_step
+from align_runner.stages.rollouts import (
+    check_rollout_sizes,
+    check_scorers,
+    completion_logps,
+    global_rows,
+    make_generator,
+    rank_prompts,
+    reference_logps,
+    reward_functions,
+    rollout_order,
+    sample,
+    score,
+)
+from align_runner.validate import require
+
+# the adaptive KL coefficient of every rollout so far, in the stage dir (see KLCoefficient)
+KL_COEF_FILE = "kl_coef.json"
+# the critic's folder in the stage dir (the policy is in model/)
+CRITIC_DIR = "critic"
+
+
+def value_step(model, batch: dict, *, loss_fn):
+    """The critic's loss on one micro-batch (mean over the aggregation's ``num_items``)."""
+    values = completion_values(model, batch)
+    return loss_fn(
+        values,
+        batch["old_values"].to(values.dtype),
+        batch["returns"].to(values.dtype),
+        batch["completion_mask"],
+        batch["weights"],
+        float(batch["num_items"]),
+    )
+
+
+@torch.no_grad()
+def old_values(model, batch: dict, backend) -> torch.Tensor:
+    """The critic's values (B, C) of a batch at rollout time, on the CPU (0 on padding)."""
+    on_device = {k: v.to(backend.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with backend.autocast():
+        values = completion_values(model, on_device)
+    return (values.float() * on_device["completion_mask"]).cpu()
+
+
+def critic_train(ctx: StageContext):
+    """The critic's train settings: the stage's, changed by ``algorithm.critic.train``."""
+    return stage_train(OmegaConf.create({"train": ctx.train}), ctx.section.critic)
+
+
+def check_ppo(cfg, spec) -> None:
+    """Compose-time check: sizes, KL and GAE settings, something to score with, a critic to start from."""
+    a, where = OmegaConf.select(cfg, spec.config), spec.config
+    check_rollout_sizes(a, cfg, where, ("rollouts", "steps_per_rollout", "ppo_epochs", "prompts_per_rollout"))
+    check_scorers(a, spec, where)
+    require(a.kl_coef >= 0, f"{where}.kl_coef", ">= 0", a.kl_coef)
+    require(a.kl_estimator in KL_ESTIMATORS, f"{where}.kl_estimator", f"one of {sorted(KL_ESTIMATORS)}", a.kl_estimator)
+    require(a.kl_target is None or a.kl_target > 0, f"{where}.kl_target", "> 0, or null for a fixed kl_coef", a.kl_target)
+    require(a.kl_horizon > 0, f"{where}.kl_horizon", "> 0 (completions)", a.kl_horizon)
+    for key in ("gamma", "lam"):
+        require(0 <= a[key] <= 1, f"{where}.{key}", "a number in [0, 1]", a[key])
+    penalty = a.missing_eos_penalty
+    require(penalty is None or penalty >= 0, f"{where}.missing_eos_penalty", ">= 0, or null for none", penalty)
+    has_rm = any(role == "reward_model" for role, _ in spec.inputs)
+    require(
+        str(a.critic.init) != "reward" or has_rm,
+        f"{where}.critic.init",
+        "a reward stage in the pipeline to start the critic from (add reward to algorithm.stages), or critic.init=policy",
+        str(a.critic.init),
+    )
+    t = stage_train(OmegaConf.create({"train": stage_train(cfg, a)}), a.critic)
+    require(t.lr > 0, f"{where}.critic.train.lr", "a positive learning rate", t.lr)
+
+
+@register_stage(
+    "ppo",
+    trains=True,
+    views=("prompt",),
+    inputs={"reward_model": Input("reward", required=False, what="its reward model")},
+    key_metrics=("objective/scores", "objective/rlhf_reward", "objective/kl", "loss/value_avg"),
+    check=check_ppo,
+)
+def run_ppo(ctx: StageContext) -> dict[str, float]:
+    a, backend = ctx.section, ctx.backend
+    tokenizer = ctx.tokenizer()
+    prompts = ctx.dataset("prompt", "train")
+    engine = ctx.engine()
+    total = int(a.rollouts) * int(a.ppo_epochs) * int(a.steps_per_rollout)
+    policy = engine.setup(ctx.load_policy(), total_steps=total)
+    critic_from = ctx.input_dir("reward_model") / "model" if str(a.critic.init) == "reward" else ctx.input_model_path()
+    critic = engine.setup(
+        load_critic(str(critic_from), init=str(a.critic.init), dtype=ctx.dtype).to(backend.device),
+        total_steps=total,
+        name="critic",
+        train=critic_train(ctx),
+    )
+    # a frozen copy of the input model; under LoRA the adapter-disabled policy is the reference
+    reference = None if is_peft_model(backend.unwrap(policy.model)) else ctx.load_frozen_policy()
+    rollout = PPORollout(ctx, policy, critic, tokenizer, prompts, reward_functions(ctx), reference)
+    result = fit_online(
+        engine,
+        updates=[
+            Update(policy, partial(grpo_step, loss_fn=instantiate(a.loss))),
+            Update(critic, partial(value_step, loss_fn=instantiate(a.critic.loss))),
+        ],
+        rollouts=int(a.rollouts),
+        make_rollout=rollout,
+        epochs=int(a.ppo_epochs),
+    )
+    ctx.save_model(policy.model, tokenizer)
+    save_critic(ctx, critic.model, tokenizer)
+    return result.metrics
+
+
+def save_critic(ctx: StageContext, model, tokenizer) -> None:
+    """The critic in Hugging Face layout under ``<stage>/critic`` (collective: sharded weights are gathered)."""
+    from align_runner.models.loading import save_pretrained_atomic
+
+    state = ctx.backend.full_state_dict(model)
+    if ctx.is_main:
+        save_pretrained_atomic(ctx.backend.unwrap(model), tokenizer, str(ctx.out_dir / CRITIC_DIR), state_dict=state)
+    ctx.backend.barrier()
+
+
+class KLCoefficient:
+    """The KL coefficient of each rollout: ``kl_coef``, or Ziegler et al.'s adaptive controller.
+
+    The adaptive value depends on every earlier rollout's KL, which no checkpoint holds; the main process
+    writes each rollout's coefficient to ``kl_coef.json`` as it is computed (before the rollout's
+    updates, so before any checkpoint that follows them), and a resumed run reads the one for the
+    rollout it continues from: the value the uninterrupted run had, bit for bit.
+    """
+
+    def __init__(self, a, out_dir, backend):
+        self.target = None if a.kl_target is None else float(a.kl_target)
+        self.horizon, self.path, self.backend = float(a.kl_horizon), out_dir / KL_COEF_FILE, backend
+        self.values: dict[int, float] = {0: float(a.kl_coef)}
+
+    def at(self, i: int) -> float:
+        if i not in self.values:  # a resumed run: rollout i's value was written by the interrupted one
+            read = {int(k): v for k, v in json.loads(self.path.read_text()).items()} if self.backend.is_main else None
+            saved = self.backend.broadcast_object(read)
+            if i not in saved:
+                raise RuntimeError(f"{self.path} has no KL coefficient for rollout {i}; cannot resume exactly")
+            self.values.update(saved)
+        return self.values[i]
+
+    def update(self, i: int, kl: float, n_steps: int) -> None:
+        """Set rollout i + 1's coefficient from rollout i's measured KL."""
+        self.values[i + 1] = adaptive_kl_coef(self.values[i], kl, n_steps, target=self.target, horizon=self.horizon)
+        if self.target is not None and self.backend.is_main:
+            atomic_write_json(self.path, {str(k): v for k, v in sorted(self.values.items())})
+
+
+class PPORollout:
+    """``make_rollout`` for ``fit_online``: sample, score, KL-penalised token rewards, GAE, step batches."""
+
+    def __init__(self, ctx: StageContext, policy, critic, tokenizer, prompts: list[dict], rewards, reference):
+        a = ctx.section
+        self.ctx, self.a, self.backend = ctx, a, ctx.backend
+        self.policy, self.critic, self.reference = policy, critic, reference
+        self.tokenizer, self.prompts, self.rewards = tokenizer, prompts, rewards
+        self.P, self.S = int(a.prompts_per_rollout), int(a.steps_per_rollout)
+        if not prompts:
+            raise ValueError("the prompt view's train split is empty; PPO has nothing to sample from")
+        self.generator = make_generator(a.generation, ctx.backend.unwrap(policy.model), tokenizer)
+        self.aggregation = instantiate(a.aggregation)
+        self.kl = KLCoefficient(a, ctx.out_dir, ctx.backend)
+
+    def __call__(self, i: int) -> Rollout:
+        a, backend, P = self.a, self.backend, self.P
+        seed = int(self.ctx.cfg.seed)
+        blocks = rank_prompts(rollout_order(len(self.prompts), P, i, seed), self.S, backend.rank, backend.world_size)
+        local = [(j, idx) for block in blocks for j, idx in block]
+        rows = [self.prompts[idx] for _, idx in local]
+        positions = [j for j, _ in local]
+        seeds = [row_seed(seed, i, j) for j in positions]
+        completions = sample(self.generator, self.policy.model, [r["prompt_ids"] for r in rows], seeds, backend)
+        ids = [c.ids for c in completions]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+        raw = score(self.rewards, a.reward_weights, rows, texts, ids)
+        total = torch.nan_to_num(raw.total.float(), nan=0.0)  # a row no function applied to scores 0
+        has_eos = torch.tensor([not c.truncated for c in completions])
+        scores = missing_eos_penalty(total, has_eos, a.missing_eos_penalty)
+        lengths = torch.tensor([float(len(x)) for x in ids])
+        kl_coef = self.kl.at(i)
+
+        examples = [{"prompt_ids": r["prompt_ids"], "completion_ids": c, "score": float(s)} for r, c, s in zip(rows, ids, scores)]
+        per_step = len(examples) // self.S
+        steps = [self._batches(examples[k * per_step : (k + 1) * per_step]) for k in range(self.S)]
+        batches = [b for step in steps for b in step]
+        kl = self._advantages(batches, kl_coef)
+        # sampled-token entropy estimate of each completion: -sum log pi(y_t)
+        entropy = torch.cat([-masked_sum(b["old_logps"], b["completion_mask"], dim=-1) for b in batches])
+
+        # per-row statistics of the whole rollout (every process's rows at their positions)
+        per_row = torch.stack([scores, total, *raw.per_function.values(), has_eos.float(), lengths, kl, entropy], dim=1)
+        full = global_rows(per_row, positions, P, backend).float()
+        g_scores, g_kl = full[:, 0], full[:, -2]
+        metrics = {k: float(v) for k, v in rollout_stats(g_scores, g_kl[:, None], torch.ones(P, 1), kl_coef=kl_coef).items()}
+        g_lengths = full[:, -3]
+        metrics.update(
+            {
+                "objective/entropy": float(full[:, -1].mean()),
+                "objective/kl_coef": kl_coef,
+                "val/num_eos_tokens": float(full[:, -4].sum()),
+                "reward": float(full[:, 1].mean()),
+                **{f"rewards/{name}/mean": float(full[:, 2 + k].nanmean()) for k, name in enumerate(raw.per_function)},
+                "completions/mean_length": float(g_lengths.mean()),
+                "completions/min_length": float(g_lengths.min()),
+                "completions/max_length": float(g_lengths.max()),
+                "completions/clipped_ratio": float(1 - full[:, -4].mean()),
+            }
+        )
+        self.kl.update(i, metrics["objective/kl"], n_steps=P)
+        samples = [
+            {"prompt": r.get("prompt_text", ""), "completion": t, "reward": float(s)}
+            for r, t, s in list(zip(rows, texts, scores.tolist()))[: max(int(a.samples), 0)]
+        ]
+        return Rollout(steps, metrics, samples)
+
+    def _batches(self, examples: list[dict]) -> list[dict]:
+        """Collated micro-batches with the rollout's log-probs (policy, reference) and values."""
+        mb = int(self.ctx.train.micro_batch_size)
+        context = {"max_completion_length": int(self.a.generation.max_new_tokens)}
+        batches = []
+        for start in range(0, len(examples), mb):
+            batch = collate_completions(examples[start : start + mb], pad_id=self.tokenizer.pad_token_id)
+            batch["old_logps"] = completion_logps(self.policy.model, batch, self.backend)
+            batch["ref_logps"] = reference_logps(self.reference, self.policy.model, batch, self.backend)
+            batch["old_values"] = old_values(self.critic.model, batch, self.backend)
+            batch["weights"], batch["num_items"] = self.aggregation(batch["completion_mask"], **context)
+            batches.append(batch)
+        return batches
+
+    def _advantages(self, batches: list[dict], kl_coef: float) -> torch.Tensor:
+        """Per-token rewards, GAE advantages and returns of every micro-batch, in place; whitening uses
+        the moments of the whole rollout (all processes). Returns each row's summed KL, (rows,)."""
+        a = self.a
+        kl_sums = []
+        for b in batches:
+            mask = b["completion_mask"]
+            b["rewards"], kl = token_rewards(
+                b.pop("score"), b["old_logps"], b.pop("ref_logps"), mask, kl_coef=kl_coef, estimator=str(a.kl_estimator)
+            )
+            kl_sums.append(masked_sum(kl, mask, dim=-1))
+        if a.whiten_rewards:
+            self._whiten(batches, "rewards", shift_mean=False)
+        for b in batches:
+            b["advantages"], b["returns"] = gae(
+                b.pop("rewards"), b["old_values"], b["completion_mask"], gamma=float(a.gamma), lam=float(a.lam)
+            )
+        if a.whiten_advantages:
+            self._whiten(batches, "advantages", shift_mean=True)
+        return torch.cat(kl_sums)
+
+    def _whiten(self, batches: list[dict], key: str, *, shift_mean: bool) -> None:
+        local = sum(masked_moments(b[key], b["completion_mask"]) for b in batches)
+        moments = self.backend.all_reduce_sum(local.to(self.backend.device)).cpu()
+        for b in batches:
+            b[key] = whiten(b[key], b["completion_mask"], moments=moments, shift_mean=shift_mean)
