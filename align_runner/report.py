@@ -28,8 +28,8 @@ from align_runner.pipeline.rundir import stage_dir  # the run's link, or the rec
 # Training-curve panels: (title, y label, metrics.jsonl keys drawn together). Absent keys are skipped.
 PANELS = (
     ("Loss", "loss", ("loss", "eval/loss")),
-    ("Learning rate", "learning rate", ("lr",)),
-    ("Gradient norm", "grad norm", ("grad_norm",)),
+    ("Learning rate", "learning rate", ("lr", "critic/lr")),
+    ("Gradient norm", "grad norm", ("grad_norm", "critic/grad_norm")),
     ("Token accuracy", "accuracy", ("mean_token_accuracy",)),
     ("Reward margin", "chosen - rejected", ("rewards/margins",)),
     ("Reward accuracy", "fraction chosen > rejected", ("rewards/accuracies",)),
@@ -41,6 +41,16 @@ PANELS = (
     ("Entropy", "nats per token", ("entropy",)),
     ("Completion length", "tokens", ("completions/mean_length", "completions/min_length", "completions/max_length")),
     ("Clipping and filtering", "fraction", ("clip_ratio/region_mean", "completions/clipped_ratio", "frac_reward_zero_std")),
+    # PPO: objective/* and val/num_eos_tokens are the rollout's; the others the mean of its optimizer steps
+    ("PPO: score and RLHF reward", "per completion", ("objective/scores", "objective/rlhf_reward", "objective/non_score_reward")),
+    ("PPO: KL to the reference", "nats per completion", ("objective/kl",)),
+    ("PPO: KL coefficient", "coefficient", ("objective/kl_coef",)),
+    ("PPO: entropy", "nats per completion", ("objective/entropy",)),
+    ("PPO: losses", "loss", ("loss/policy_avg", "loss/value_avg")),
+    ("PPO: clipped fraction", "fraction of tokens", ("policy/clipfrac_avg", "val/clipfrac_avg")),
+    ("PPO: approx KL to the rollout policy", "nats per token", ("policy/approxkl_avg",)),
+    ("PPO: ratio to the rollout policy", "mean ratio", ("val/ratio",)),
+    ("PPO: completions ending with EOS", "completions", ("val/num_eos_tokens",)),
 )
 # eval metrics that are counts or on another scale than the checkers' scores: table only, no bars
 NOT_TASK_METRICS = ("num_prompts", "completion_tokens", "heldout_loss")
@@ -125,11 +135,16 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
     return steps, [by_step[s] for s in steps]
 
 
-def plot_training(name: str, rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
-    """One PNG with a panel per metric group present in ``rows``; None when nothing is plottable."""
+def plotted_panels(rows: list[dict[str, Any]]) -> list[tuple[str, str, list[tuple[str, list[int], list[float]]]]]:
+    """The PANELS with data in ``rows``: (title, y label, [(key, steps, values)] of the keys present)."""
     panels = [(t, y, [(k, *series(rows, k)) for k in keys]) for t, y, keys in PANELS]
     panels = [(t, y, [c for c in curves if c[1]]) for t, y, curves in panels]
-    panels = [p for p in panels if p[2]]
+    return [p for p in panels if p[2]]
+
+
+def plot_training(name: str, rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
+    """One PNG with a panel per metric group present in ``rows``; None when nothing is plottable."""
+    panels = plotted_panels(rows)
     if not panels:
         return None
     cols = min(len(panels), 3)

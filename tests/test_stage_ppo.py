@@ -167,6 +167,17 @@ def test_reward_model_scores_starts_the_critic_and_its_retraining_recomputes_ppo
     assert loaded.config.num_labels == 1 and loaded.score.bias is None
     assert torch.equal(loaded.score.weight, critic["score.weight"])
 
+    # the report plots the PPO metrics and shows the sampled completions
+    from align_runner.engine.trackers import read_metrics
+    from align_runner.report import plotted_panels
+
+    titles = [t for t, _, _ in plotted_panels(read_metrics(ppo / "metrics.jsonl"))]
+    for title in ("PPO: score and RLHF reward", "PPO: KL to the reference", "PPO: losses", "PPO: clipped fraction",
+                  "PPO: approx KL to the rollout policy", "PPO: ratio to the rollout policy", "PPO: entropy"):
+        assert title in titles, title
+    report = (first.run_dir / "report.md").read_text()
+    assert "## Rollouts of ppo" in report and (first.run_dir / "report" / "train_ppo.png").exists()
+
     steps = count_optimizer_steps["n"]
     again = api.run(pipeline_overrides(out, model_cache))
     assert all(s.cache_hit for s in again.stages) and count_optimizer_steps["n"] == steps  # no work at all

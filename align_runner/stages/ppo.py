@@ -239,26 +239,28 @@ class PPORollout:
         steps = [self._batches(examples[k * per_step : (k + 1) * per_step]) for k in range(self.S)]
         batches = [b for step in steps for b in step]
         kl = self._advantages(batches, kl_coef)
-        # sampled-token entropy estimate of each completion: -sum log pi(y_t)
-        entropy = torch.cat([-masked_sum(b["old_logps"], b["completion_mask"], dim=-1) for b in batches])
+        logps = torch.cat([masked_sum(b["old_logps"], b["completion_mask"], dim=-1) for b in batches])
 
-        # per-row statistics of the whole rollout (every process's rows at their positions)
-        per_row = torch.stack([scores, total, *raw.per_function.values(), has_eos.float(), lengths, kl, entropy], dim=1)
-        full = global_rows(per_row, positions, P, backend).float()
-        g_scores, g_kl = full[:, 0], full[:, -2]
-        metrics = {k: float(v) for k, v in rollout_stats(g_scores, g_kl[:, None], torch.ones(P, 1), kl_coef=kl_coef).items()}
-        g_lengths = full[:, -3]
+        # each row's statistics over the whole rollout (every process's rows at their positions)
+        columns = {
+            "score": scores, "reward": total, **{f"rewards/{n}/mean": v for n, v in raw.per_function.items()},
+            "eos": has_eos.float(), "length": lengths, "kl": kl, "logps": logps,
+        }
+        stacked = global_rows(torch.stack(list(columns.values()), dim=1), positions, P, backend).float()
+        full = dict(zip(columns, stacked.unbind(1)))
+        # KL and log-probs are already summed over each completion's tokens: one column per row
+        stats = rollout_stats(full["score"], full["kl"][:, None], torch.ones(P, 1), kl_coef=kl_coef, logps=full["logps"][:, None])
+        metrics = {k: float(v) for k, v in stats.items()}
         metrics.update(
             {
-                "objective/entropy": float(full[:, -1].mean()),
                 "objective/kl_coef": kl_coef,
-                "val/num_eos_tokens": float(full[:, -4].sum()),
-                "reward": float(full[:, 1].mean()),
-                **{f"rewards/{name}/mean": float(full[:, 2 + k].nanmean()) for k, name in enumerate(raw.per_function)},
-                "completions/mean_length": float(g_lengths.mean()),
-                "completions/min_length": float(g_lengths.min()),
-                "completions/max_length": float(g_lengths.max()),
-                "completions/clipped_ratio": float(1 - full[:, -4].mean()),
+                "val/num_eos_tokens": float(full["eos"].sum()),
+                "reward": float(full["reward"].mean()),
+                **{f"rewards/{n}/mean": float(full[f"rewards/{n}/mean"].nanmean()) for n in raw.per_function},
+                "completions/mean_length": float(full["length"].mean()),
+                "completions/min_length": float(full["length"].min()),
+                "completions/max_length": float(full["length"].max()),
+                "completions/clipped_ratio": float(1 - full["eos"].mean()),
             }
         )
         self.kl.update(i, metrics["objective/kl"], n_steps=P)
