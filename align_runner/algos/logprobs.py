@@ -5,8 +5,12 @@ Pure tensor functions: no models, no I/O, no config.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 # Half-precision logits are upcast before the log-softmax. In bf16 a log-prob carries only ~3
 # significant digits, so a sequence sum over hundreds of tokens has rounding error larger than the
@@ -69,6 +73,69 @@ def sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tupl
     token_logps = shifted_token_logps(logits, safe_ids)
     mask = counted[:, 1:]
     return masked_sum(token_logps, mask, dim=-1), mask.sum(dim=-1, dtype=torch.long)
+
+
+@dataclass
+class TargetLogps:
+    """Log-probs of the counted target tokens of a batch only, flattened (N = counted tokens).
+
+    ``logps`` (N,) log p(target); ``correct`` (N,) bool, whether the target was the argmax (SFT's token
+    accuracy); ``sequence`` (N,) long, the index of the sequence each target belongs to (a padded
+    batch's row, or an example of a packed row).
+    """
+
+    logps: Tensor
+    correct: Tensor
+    sequence: Tensor
+
+
+def next_token_targets(input_ids: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
+    """Which logits score a counted token, and the tokens they score.
+
+    input_ids, counted: (B, T); token t is a target when ``counted[:, t]`` is non-zero (column 0 never
+    is: it has no prefix). Returns ``positions`` (B, T) bool, True at column t-1 for each target at t
+    (the logit at t-1 predicts token t), and ``targets`` (N,) in row-major order of ``positions``.
+    """
+    hit = counted[:, 1:] != 0
+    positions = torch.zeros_like(input_ids, dtype=torch.bool)
+    positions[:, :-1] = hit
+    return positions, input_ids[:, 1:][hit]
+
+
+def linear_token_logps(
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """log softmax(hidden @ weight.T + bias)[targets] and whether each target is the argmax.
+
+    hidden: (N, H); weight: (V, H); targets: (N,) -> (logps (N,) float32 or wider, correct (N,) bool).
+    At most ``chunk_size`` rows of (chunk, V) logits exist at a time: when there is more than one chunk,
+    each is recomputed in backward instead of kept (activation checkpointing), so neither pass holds
+    the (N, V) logits. Each row's value depends on its own hidden state only, so the chunking does not
+    change the result.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.shape[0] <= chunk_size:
+        return _chunk_logps(hidden, weight, bias, targets)
+    parts = [
+        checkpoint(_chunk_logps, hidden[s : s + chunk_size], weight, bias, targets[s : s + chunk_size], use_reentrant=False)
+        for s in range(0, hidden.shape[0], chunk_size)
+    ]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _chunk_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
+    logits = F.linear(hidden, weight, bias)
+    if logits.dtype in _LOW_PRECISION:
+        logits = logits.float()
+    with torch.no_grad():
+        correct = logits.argmax(dim=-1) == targets
+    return _token_logps(logits, targets.long()), correct
+
+
+def sequence_sums(values: Tensor, sequence: Tensor, num_sequences: int) -> Tensor:
+    """(num_sequences,) sums of ``values`` (N,) by their ``sequence`` index (N,)."""
+    return values.new_zeros(num_sequences).index_add(0, sequence, values)
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:

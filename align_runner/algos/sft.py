@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from align_runner.algos.logprobs import TargetLogps
 from align_runner.algos.types import LossOutput
 
 IGNORE_INDEX = -100
@@ -13,8 +14,8 @@ IGNORE_INDEX = -100
 
 
 def sft_loss(
-    logits: Tensor,
-    labels: Tensor,
+    logits: Tensor | TargetLogps,
+    labels: Tensor | None,
     *,
     num_items: float | Tensor | None = None,
 ) -> LossOutput:
@@ -31,7 +32,12 @@ def sft_loss(
 
     Metrics (this batch only, detached): ``mean_token_accuracy`` (argmax == target over counted
     tokens), ``num_tokens`` (counted target tokens).
+
+    ``logits`` may instead be the ``TargetLogps`` of the counted tokens alone (the stages compute only
+    those, see models/counted_head.py); ``labels`` is then not needed, and the result is the same.
     """
+    if isinstance(logits, TargetLogps):
+        return _loss_from_logps(logits, num_items)
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
             f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} and {tuple(labels.shape)}"
@@ -49,12 +55,21 @@ def sft_loss(
 
     counted = flat_targets != IGNORE_INDEX
     num_tokens = counted.sum()
+    with torch.no_grad():
+        correct = (flat_logits.argmax(dim=-1) == flat_targets) & counted
+    return _output(total, correct.sum(), num_tokens, num_items)
+
+
+def _loss_from_logps(picked: TargetLogps, num_items: float | Tensor | None) -> LossOutput:
+    total = -picked.logps.sum()
+    num_tokens = torch.tensor(picked.logps.numel(), device=picked.logps.device)
+    return _output(total, picked.correct.sum(), num_tokens, num_items)
+
+
+def _output(total: Tensor, correct: Tensor, num_tokens: Tensor, num_items: float | Tensor | None) -> LossOutput:
+    """The summed NLL ``total`` over ``num_items`` (this batch's ``num_tokens`` when None), with metrics."""
     denom = num_tokens.to(total.dtype) if num_items is None else torch.as_tensor(num_items, dtype=total.dtype)
     # An empty batch (every label ignored) gives loss 0 rather than 0/0 = NaN.
     denom = torch.where(denom == 0, torch.ones_like(denom), denom).to(total.device)
-    loss = total / denom
-
-    with torch.no_grad():
-        correct = (flat_logits.argmax(dim=-1) == flat_targets) & counted
-        accuracy = correct.sum().float() / num_tokens.clamp(min=1).float()
-    return LossOutput(loss, {"mean_token_accuracy": accuracy, "num_tokens": num_tokens.detach()})
+    accuracy = correct.detach().float() / num_tokens.clamp(min=1).float()
+    return LossOutput(total / denom, {"mean_token_accuracy": accuracy, "num_tokens": num_tokens.detach()})

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from align_runner.data.pack import pack_sequences
+
 IGNORE_INDEX = -100  # the ignore_index of torch.nn.functional.cross_entropy
 
 
@@ -44,12 +46,7 @@ def collate_preference(examples: Sequence[Mapping], pad_id: int, *, pad_to_multi
     the examples (e.g. precomputed ``ref_chosen_logps``) become (B,) tensors; other fields lists.
     """
     _check(examples, pad_id)
-    sequences, masks = [], []
-    for side in ("chosen_ids", "rejected_ids"):
-        for e in examples:
-            prompt, response = list(e["prompt_ids"]), list(e[side])
-            sequences.append(prompt + response)
-            masks.append([0] * len(prompt) + [1] * len(response))
+    sequences, masks = _preference_sequences(examples)
     width = _width(sequences, pad_to_multiple_of)
     batch = {
         "input_ids": _pad(sequences, width, pad_id, left=False),
@@ -59,6 +56,45 @@ def collate_preference(examples: Sequence[Mapping], pad_id: int, *, pad_to_multi
     }
     batch.update(_extra_fields(examples, {"prompt_ids", "chosen_ids", "rejected_ids"}, tensors=True))
     return batch
+
+
+def collate_packed_sft(examples: Sequence[Mapping], pad_id: int, *, max_tokens: int) -> dict:
+    """SFT examples packed padding-free into rows of at most ``max_tokens`` tokens (``data/pack.py``).
+
+    Returns ``input_ids``, ``position_ids`` (restarting at 0 per example), ``labels`` (-100 off the loss
+    mask, on padding and on each example's first token) and ``sequence_ids``, all (R, W), and
+    ``num_items``: the same count of target tokens as ``collate_sft`` gives for these examples. No
+    ``attention_mask``: the restarting positions keep attention inside each example.
+    """
+    _check(examples, pad_id)
+    packed = pack_sequences(
+        [list(e["input_ids"]) for e in examples], [list(e["loss_mask"]) for e in examples], max_tokens, pad_id
+    )
+    labels = packed["input_ids"].masked_fill(packed.pop("loss_mask") == 0, IGNORE_INDEX)
+    return {**packed, "labels": labels, "num_items": int((labels != IGNORE_INDEX).sum())}
+
+
+def collate_packed_preference(examples: Sequence[Mapping], pad_id: int, *, max_tokens: int) -> dict:
+    """``collate_preference``'s 2B sequences (chosen 0..B-1, then rejected) packed padding-free into
+    rows of at most ``max_tokens`` tokens: ``input_ids``, ``position_ids``, ``loss_mask`` (response
+    tokens) and ``sequence_ids`` (which of the 2B sequences each token belongs to, -1 on padding),
+    all (R, W); ``num_items`` = B; the examples' extra fields as in ``collate_preference``."""
+    _check(examples, pad_id)
+    sequences, masks = _preference_sequences(examples)
+    batch: dict[str, Any] = {**pack_sequences(sequences, masks, max_tokens, pad_id), "num_items": len(examples)}
+    batch.update(_extra_fields(examples, {"prompt_ids", "chosen_ids", "rejected_ids"}, tensors=True))
+    return batch
+
+
+def _preference_sequences(examples: Sequence[Mapping]) -> tuple[list[list[int]], list[list[int]]]:
+    """prompt + chosen of every pair, then prompt + rejected, with response masks."""
+    sequences, masks = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for e in examples:
+            prompt, response = list(e["prompt_ids"]), list(e[side])
+            sequences.append(prompt + response)
+            masks.append([0] * len(prompt) + [1] * len(response))
+    return sequences, masks
 
 
 def collate_prompts(examples: Sequence[Mapping], pad_id: int, *, pad_to_multiple_of: int | None = None) -> dict:

@@ -1,0 +1,166 @@
+"""Packing and the counted-token head: plans worked out by hand, packed == unpacked on the tiny model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from align_runner.algos.logprobs import sequence_logps, sequence_sums
+from align_runner.algos.sft import sft_loss
+from align_runner.data.collate import (
+    collate_packed_preference,
+    collate_packed_sft,
+    collate_preference,
+    collate_sft,
+)
+from align_runner.data.pack import best_fit_decreasing, split_to_count, token_budget_batches
+from align_runner.models.counted_head import CountedHead, model_inputs
+from align_runner.models.loading import load_causal_lm
+
+
+def test_best_fit_decreasing_by_hand():
+    # sorted: 6 (i1), 5 (i3), 4 (i0), 3 (i4), 2 (i2) into capacity 8:
+    # 6 -> new bin A (room 2); 5 -> new B (3); 4 -> new C (4); 3 -> B (the tightest fit, room 0);
+    # 2 -> A (room 2 fits exactly, tighter than C's 4)
+    assert best_fit_decreasing([4, 6, 2, 5, 3], 8) == [[1, 2], [3, 4], [0]]
+
+
+def test_best_fit_decreasing_rejects_a_sequence_over_capacity():
+    with pytest.raises(ValueError, match="sequence 1 has 9 tokens, more than the packing capacity of 8"):
+        best_fit_decreasing([3, 9], 8)
+
+
+def test_token_budget_batches_by_hand():
+    # ascending: 2 (i3), 3 (i0), 3 (i2), 7 (i1), 20 (i4). Budget 9: [2, 3, 3] -> 3 rows x 3 = 9 fits;
+    # adding 7 -> 4 x 7 = 28 > 9; [7] alone; 20 is over budget: alone
+    assert token_budget_batches([3, 7, 3, 2, 20], 9) == [[3, 0, 2], [1], [4]]
+
+
+def test_split_to_count_halves_the_largest():
+    assert split_to_count([[0, 1, 2, 3], [4]], 3) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="cannot split 2 rows into 3"):
+        split_to_count([[0], [1]], 3)
+
+
+def test_packed_sft_layout_by_hand():
+    examples = [
+        {"input_ids": [5, 6, 7, 8], "loss_mask": [0, 0, 1, 1]},
+        {"input_ids": [9, 10], "loss_mask": [1, 1]},
+        {"input_ids": [11, 12, 13], "loss_mask": [1, 1, 1]},
+    ]
+    batch = collate_packed_sft(examples, 0, max_tokens=5)
+    # BFD: 4 -> row 0 (room 1), 3 -> row 1 (room 2), 2 -> row 1 (fits exactly)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 0], [11, 12, 13, 9, 10]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert batch["sequence_ids"].tolist() == [[0, 0, 0, 0, -1], [2, 2, 2, 1, 1]]
+    # each example's first token is never a target: the logit before it is another example's
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8, -100], [-100, 12, 13, -100, 10]]
+    assert "attention_mask" not in batch
+    assert batch["num_items"] == collate_sft(examples, 0)["num_items"] == 5
+
+
+def test_packed_preference_layout_by_hand():
+    examples = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5], "ref_chosen_logps": -1.0},
+        {"prompt_ids": [6], "chosen_ids": [7, 8], "rejected_ids": [9], "ref_chosen_logps": -2.0},
+    ]
+    batch = collate_packed_preference(examples, 0, max_tokens=6)
+    # sequences: 0 [1,2,3], 1 [6,7,8], 2 [1,2,4,5], 3 [6,9]; BFD: 4 (s2) -> A, 3 (s0) -> B, 3 (s1) -> B,
+    # 2 (s3) -> A
+    assert batch["input_ids"].tolist() == [[1, 2, 4, 5, 6, 9], [1, 2, 3, 6, 7, 8]]
+    assert batch["sequence_ids"].tolist() == [[2, 2, 2, 2, 3, 3], [0, 0, 0, 1, 1, 1]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0, 1], [0, 0, 1, 0, 1, 1]]
+    assert batch["num_items"] == 2 and batch["ref_chosen_logps"].tolist() == [-1.0, -2.0]
+
+
+def _sft_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        length = rng.randint(5, 20)
+        prompt = rng.randint(1, length - 2)
+        rows.append({"input_ids": [rng.randint(3, 500) for _ in range(length)], "loss_mask": [0] * prompt + [1] * (length - prompt)})
+    return rows
+
+
+def _grads(model) -> list[torch.Tensor]:
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def test_counted_head_and_packing_equal_the_plain_sft_loss_and_gradients(tiny_dir):
+    torch.manual_seed(0)
+    model = load_causal_lm(tiny_dir)
+    rows = _sft_rows(6)
+    padded = collate_sft(rows, 0)
+    plain = sft_loss(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits, padded["labels"])
+    plain.loss.backward()
+    reference = _grads(model)
+    assert max(g.abs().max().item() for g in reference) > 1e-4  # the comparisons below are not vacuous
+
+    head = CountedHead(model, chunk_size=7)  # 31 targets: 5 chunks, each recomputed in backward
+    packed = collate_packed_sft(rows, 0, max_tokens=40)
+    assert packed["input_ids"].shape[0] < len(rows)  # several examples share a row
+    for batch in (padded, packed):
+        out = sft_loss(head.target_logps(model, batch, batch["labels"] != -100), None)
+        out.loss.backward()
+        assert out.loss.item() == pytest.approx(plain.loss.item(), abs=1e-5)
+        assert int(out.metrics["num_tokens"]) == int(plain.metrics["num_tokens"]) == 31
+        assert float(out.metrics["mean_token_accuracy"]) == float(plain.metrics["mean_token_accuracy"])
+        assert _max_diff(_grads(model), reference) < 1e-6
+
+
+def test_packed_attention_stays_inside_each_example(tiny_dir):
+    """Per-example logits of a packed row equal the example's logits alone (no attention across)."""
+    model = load_causal_lm(tiny_dir).eval()
+    a, b = [5, 6, 7, 8], [9, 10, 11]
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([s])).logits[0] for s in (a, b)]
+        batch = collate_packed_sft([{"input_ids": a, "loss_mask": [1] * 4}, {"input_ids": b, "loss_mask": [1] * 3}], 0, max_tokens=7)
+        packed = model(**model_inputs(batch)).logits[0]
+    torch.testing.assert_close(packed[:4], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[4:], alone[1], atol=1e-5, rtol=0)
+
+
+def test_counted_head_and_packing_equal_plain_sequence_logps(tiny_dir):
+    torch.manual_seed(0)
+    model = load_causal_lm(tiny_dir)
+    rng = random.Random(1)
+    pairs = [
+        {"prompt_ids": [rng.randint(3, 500) for _ in range(rng.randint(1, 6))],
+         "chosen_ids": [rng.randint(3, 500) for _ in range(rng.randint(1, 8))],
+         "rejected_ids": [rng.randint(3, 500) for _ in range(rng.randint(1, 8))]}
+        for _ in range(4)
+    ]
+    padded = collate_preference(pairs, 0)
+    logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    plain, counts = sequence_logps(logits, padded["input_ids"], padded["loss_mask"])
+    plain.sum().backward()
+    reference = _grads(model)
+
+    head = CountedHead(model, chunk_size=5)
+    for batch in (padded, collate_packed_preference(pairs, 0, max_tokens=32)):
+        picked = head.target_logps(model, batch, batch["loss_mask"])
+        logps = sequence_sums(picked.logps, picked.sequence, 8)
+        torch.testing.assert_close(logps, plain, atol=1e-5, rtol=0)
+        assert torch.bincount(picked.sequence, minlength=8).tolist() == counts.tolist()
+        logps.sum().backward()
+        assert _max_diff(_grads(model), reference) < 1e-5
+
+
+def test_without_a_request_the_head_is_the_plain_linear(tiny_dir):
+    model = load_causal_lm(tiny_dir).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        CountedHead(model, chunk_size=2)
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    assert "lm_head.weight" in model.state_dict()
