@@ -53,6 +53,13 @@ class Precision(_StrEnum):
     fp16 = "fp16"
 
 
+class AttnImplementation(_StrEnum):
+    # names understood by from_pretrained(attn_implementation=...)
+    eager = "eager"
+    sdpa = "sdpa"
+    flash_attention_2 = "flash_attention_2"  # needs the flash-attn package and a CUDA GPU
+
+
 class Device(_StrEnum):
     cpu = "cpu"
     cuda = "cuda"
@@ -91,6 +98,12 @@ class ModelConfig:
     # parameter count for the dry-run memory estimate when the model's config.json cannot be read
     # (e.g. a hub id offline); null = read it
     num_params: Optional[int] = None
+    # attention kernel: null = transformers' default (sdpa); flash_attention_2 runs packed rows varlen
+    attn_implementation: Optional[AttnImplementation] = None
+    # torch.compile the trained model's forward (first steps compile; needs a C++ compiler on CPU)
+    compile: bool = False
+    # Liger kernels (fused RMSNorm / RoPE / SwiGLU) patched into the model; needs liger-kernel
+    liger_kernel: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -174,6 +187,17 @@ class TrainConfig:
     # consecutive non-finite losses tolerated (skipped) before the stage fails
     max_nonfinite: int = 3
     progress: bool = True
+    # pack each micro-batch's examples padding-free into rows of data.max_length tokens, positions
+    # restarting per example so attention never crosses them (TRL's `packing`); sft and dpo
+    packing: bool = False
+    # null: micro-batches of micro_batch_size rows; a token count: each step's rows (still
+    # micro_batch_size x grad_accum x processes of them) grouped by length into micro-batches of at most
+    # this many padded tokens. Either way the loss is normalised over the whole step
+    max_tokens_per_batch: Optional[int] = None
+    # target tokens whose (tokens x vocab) logits the LM head computes at a time; more: faster, more memory
+    logits_chunk_tokens: int = 2048
+    # keep the activations saved for backward in CPU memory (GPU memory for transfer time)
+    offload_activations: bool = False
 
 
 def _partial_of(cls: type, name: str) -> type:

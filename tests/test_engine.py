@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from align_runner.algos.sft import sft_loss
 from align_runner.config import HardwareConfig, TrainConfig
-from align_runner.data.collate import collate_sft
+from align_runner.data.collate import collate_sft, sft_tokens
 from align_runner.engine.backend import get_backend
 from align_runner.engine.loop import Engine, NonFiniteLossError, schedule_indices
 from align_runner.engine.trackers import Tracker, read_metrics
@@ -57,7 +57,7 @@ def _train(tiny_dir, tmp_path, rows, **train) -> tuple[torch.nn.Module, list[dic
 
     torch.optim.AdamW.step = record
     try:
-        engine.fit(step, model=model, train_data=rows, collate=partial(collate_sft, pad_id=0))
+        engine.fit(step, model=model, train_data=rows, collate=partial(collate_sft, pad_id=0), length=sft_tokens)
     finally:
         torch.optim.AdamW.step = original
     return model, read_metrics(tmp_path / "metrics.jsonl"), grads
@@ -77,6 +77,38 @@ def test_micro_batch_8_equals_8_accumulated_micro_batches_of_1(tiny_dir, tmp_pat
     fresh = load_causal_lm(tiny_dir)
     moved = max((pa - pf).abs().max().item() for pa, pf in zip(a.parameters(), fresh.parameters()))
     assert moved > 1e-3
+
+
+def test_token_budget_micro_batches_give_the_fixed_size_gradient(tiny_dir, tmp_path, monkeypatch):
+    rows = _rows(8)
+    sizes: list[int] = []  # rows of each collated micro-batch
+    original = collate_sft
+
+    def counting(examples, **kw):
+        sizes.append(len(examples))
+        return original(examples, **kw)
+
+    monkeypatch.setitem(globals(), "collate_sft", counting)
+    a, ma, ga = _train(tiny_dir, tmp_path / "a", rows, micro_batch_size=8, grad_accum=1)
+    sizes.clear()
+    # rows of 5..20 tokens under a 40-token budget: several micro-batches of similar lengths
+    b, mb, gb = _train(tiny_dir, tmp_path / "b", rows, micro_batch_size=8, grad_accum=1, max_tokens_per_batch=40)
+    assert len(sizes) > 1 and sum(sizes) == 8
+    assert mb[0]["loss"] == pytest.approx(ma[0]["loss"], abs=1e-5)
+    assert max((x - y).abs().max().item() for x, y in zip(ga, gb)) < 1e-5
+
+
+def test_step_batches_under_a_token_budget_by_hand(tmp_path):
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"micro_batch_size": 3, "grad_accum": 2, "max_tokens_per_batch": 10})
+    backend = get_backend(OmegaConf.structured(HardwareConfig(name="cpu")))
+    engine = Engine(cfg, backend, out_dir=tmp_path, seed=0, tracker=Tracker(tmp_path, stage="t", enabled=False))
+    lengths = [2, 9, 3, 4, 5, 1]
+    step = schedule_indices(6, 6, epoch=0, seed=0)[0]
+    plan = engine._step_batches(6, 0, 1, lengths)
+    # the same six examples, grouped shortest first: 1, 2, 3 (3 rows x 3 = 9 <= 10); 4 (2 x 5 = 10 with
+    # 5); 9 alone
+    assert sorted(i for mb in plan for i in mb) == sorted(step)
+    assert [[lengths[i] for i in mb] for mb in plan] == [[1, 2, 3], [4, 5], [9]]
 
 
 def test_schedule_is_a_deterministic_permutation_per_epoch():

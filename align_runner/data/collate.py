@@ -111,6 +111,16 @@ def collate_prompts(examples: Sequence[Mapping], pad_id: int, *, pad_to_multiple
     return batch
 
 
+def sft_tokens(example: Mapping) -> int:
+    """Tokens an SFT example adds to a padded batch (``train.max_tokens_per_batch`` groups by it)."""
+    return len(example["input_ids"])
+
+
+def pair_tokens(example: Mapping) -> int:
+    """Tokens a preference pair adds to a padded batch: two rows as wide as its longer sequence."""
+    return 2 * (len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"])))
+
+
 # ---------------------------------------------------------------------------------- helpers
 def _check(examples: Sequence[Mapping], pad_id: Any) -> None:
     if not examples:

@@ -8,6 +8,7 @@ split of the same examples gives the same gradient (DESIGN §6).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from align_runner.algos.types import LossOutput
+from align_runner.data.pack import split_to_count, token_budget_batches
 from align_runner.engine.backend import Backend
 from align_runner.engine.checkpoint import CheckpointManager
 from align_runner.engine.trackers import Tracker
@@ -110,13 +112,30 @@ class Engine:
         total = t.max_steps if t.max_steps > 0 else max(1, round(steps_per_epoch * t.epochs))
         return steps_per_epoch, total
 
-    def _step_batches(self, n: int, step: int, steps_per_epoch: int) -> list[list[int]]:
-        """This process's micro-batches (lists of example indices) for optimizer step ``step``."""
+    def _step_batches(
+        self, n: int, step: int, steps_per_epoch: int, lengths: Sequence[int] | None = None
+    ) -> list[list[int]]:
+        """This process's micro-batches (lists of example indices) for optimizer step ``step``.
+
+        The step's examples and each process's share of them are fixed by the schedule; only how a
+        share is cut into micro-batches depends on ``train.max_tokens_per_batch`` (then ``lengths``, the
+        padded tokens of each example, group them by length).
+        """
         t, ws = self.train, self.backend.world_size
         epoch, pos = divmod(step, steps_per_epoch)
-        idx = schedule_indices(n, t.micro_batch_size * t.grad_accum * ws, epoch, self.seed)[pos]
-        micro = [idx[i : i + t.micro_batch_size] for i in range(0, len(idx), t.micro_batch_size)]
-        return micro[self.backend.rank * t.grad_accum : (self.backend.rank + 1) * t.grad_accum]
+        share = t.micro_batch_size * t.grad_accum
+        idx = schedule_indices(n, share * ws, epoch, self.seed)[pos]
+        if t.max_tokens_per_batch is None:
+            micro = [idx[i : i + t.micro_batch_size] for i in range(0, len(idx), t.micro_batch_size)]
+            return micro[self.backend.rank * t.grad_accum : (self.backend.rank + 1) * t.grad_accum]
+        if lengths is None:
+            raise ValueError(f"{self.desc}: train.max_tokens_per_batch needs the examples' lengths")
+        plans = []
+        for r in range(ws):
+            mine = idx[r * share : (r + 1) * share]
+            plans.append([[mine[j] for j in b] for b in token_budget_batches([lengths[i] for i in mine], t.max_tokens_per_batch)])
+        # every process runs as many micro-batches as the one with most: ZeRO / DDP reduce in each backward
+        return split_to_count(plans[self.backend.rank], max(len(p) for p in plans))
 
     # ------------------------------------------------------------------------------------- setup
     def setup(
@@ -182,7 +201,7 @@ class Engine:
         for j, batch in enumerate(batches):
             batch = _to_device(batch, backend.device)
             self._tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-            with backend.no_sync(state.model, sync=j == len(batches) - 1), backend.autocast():
+            with backend.no_sync(state.model, sync=j == len(batches) - 1), backend.autocast(), self._offload():
                 out = step(state.model, batch)
                 # mean over this micro-batch -> share of the step's global mean; DDP averages
                 # gradients over processes, hence the world-size factor.
@@ -209,6 +228,12 @@ class Engine:
         state.scheduler.step()
         state.step += 1
         return {"loss": step_loss, "lr": state.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), **sums}
+
+    def _offload(self) -> contextlib.AbstractContextManager:
+        """``train.offload_activations``: what autograd saves for backward waits in CPU memory."""
+        if not self.train.get("offload_activations"):
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=str(self.backend.device).startswith("cuda"))
 
     def throughput(self, row: dict[str, float], since: float) -> float:
         """Adds ``tokens_per_s`` (tokens trained on since the mark ``since``) to ``row``; returns the
@@ -238,11 +263,13 @@ class Engine:
         eval_data: Sequence[dict] | None = None,
         eval_step: StepFn | None = None,
         params: list[nn.Parameter] | None = None,
+        length: Callable[[dict], int] | None = None,
     ) -> FitResult:
         """Offline training: ``step`` over ``train_data`` for the configured epochs / steps.
 
         ``step(model, batch)`` gets the backend-wrapped model (DDP hooks run only when the wrapper is
-        called) and a batch already on the device.
+        called) and a batch already on the device. ``length(example)``: the tokens an example adds to a
+        padded batch, needed by ``train.max_tokens_per_batch``.
         """
         t = self.train
         if not train_data:
@@ -253,10 +280,12 @@ class Engine:
         start = self.restore([state], total=total)
         result = FitResult(steps=total, resumed_from=start)
 
+        lengths = [length(row) for row in train_data] if length is not None and t.max_tokens_per_batch else None
         bar = self.progress(total, start)
         mark = time.perf_counter()
         for s in range(start, total):
-            batches = [collate([train_data[i] for i in mb]) for mb in self._step_batches(len(train_data), s, steps_per_epoch)]
+            plan = self._step_batches(len(train_data), s, steps_per_epoch, lengths)
+            batches = [collate([train_data[i] for i in mb]) for mb in plan]
             row = self.train_step(state, step, batches)
             if row is None:
                 continue

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import align_runner
+from align_runner.config import ModelConfig, TrainConfig
 
 # Dotted paths (inside a stage's config section) that cannot change its result: names shown in
 # reports, logging / checkpoint cadence, progress bars and the auto-pipeline table.
@@ -30,12 +31,26 @@ NON_RESULT_KEYS = frozenset(
 )
 
 
+def _default(schema: type, name: str) -> Any:
+    return schema.__dataclass_fields__[name].default
+
+
+# Speed settings added after keys were first computed: they change a result's low bits (other
+# batch shapes, kernels), so they enter the key when set, but at these defaults they are left out so
+# the keys of every run that does not use them stay what they were.
+DEFAULT_OFF_KEYS: dict[str, Any] = {
+    **{f"train.{n}": _default(TrainConfig, n) for n in ("packing", "max_tokens_per_batch", "logits_chunk_tokens", "offload_activations")},
+    **{f"model.{n}": _default(ModelConfig, n) for n in ("attn_implementation", "compile", "liger_kernel")},
+}
+
+
 def strip_non_result(section: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Copy of ``section`` without the keys listed in NON_RESULT_KEYS (matched by dotted path)."""
+    """Copy of ``section`` without the keys listed in NON_RESULT_KEYS (matched by dotted path), nor
+    those of DEFAULT_OFF_KEYS at their default."""
     out: dict[str, Any] = {}
     for key, value in section.items():
         path = f"{prefix}{key}"
-        if path in NON_RESULT_KEYS:
+        if path in NON_RESULT_KEYS or (path in DEFAULT_OFF_KEYS and value == DEFAULT_OFF_KEYS[path]):
             continue
         out[key] = strip_non_result(value, f"{path}.") if isinstance(value, Mapping) else value
     return out
