@@ -256,3 +256,29 @@ def test_micro_batch_split_gives_the_same_update(tmp_path, model_cache):
 def test_bad_ppo_config_fails_before_loading(override, message, model_cache, tmp_path):
     with pytest.raises(ConfigError, match=message):
         api.compose(ppo_overrides(tmp_path, model_cache, "algorithm.steps_per_rollout=4", override))
+
+
+def test_kl_coefficient_is_fixed_or_resumes_from_the_stage_dir(tmp_path):
+    """A fixed coefficient needs no file; an adaptive one is read back by a restarted stage."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from align_runner.stages.ppo import KL_COEF_FILE, KLCoefficient
+
+    backend = SimpleNamespace(is_main=True, broadcast_object=lambda obj: obj)
+    fixed_cfg = OmegaConf.create({"kl_coef": 0.1, "kl_target": None, "kl_horizon": 100})
+    KLCoefficient(fixed_cfg, tmp_path, backend).update(0, kl=3.0, n_steps=16)
+    assert KLCoefficient(fixed_cfg, tmp_path, backend).at(7) == 0.1  # a resumed run at rollout 7
+    assert not (tmp_path / KL_COEF_FILE).exists()
+
+    cfg = OmegaConf.create({"kl_coef": 0.1, "kl_target": 1.0, "kl_horizon": 100})
+    run = KLCoefficient(cfg, tmp_path, backend)
+    # error = kl / target - 1, clipped to [-0.2, 0.2]: 3.0 -> +0.2, 0.9 -> -0.1; factor 1 + error x 16 / 100
+    for i, kl in enumerate([3.0, 0.9]):
+        run.update(i, kl=kl, n_steps=16)
+    assert run.at(1) == pytest.approx(0.1 * 1.032) and run.at(2) == pytest.approx(0.1 * 1.032 * 0.984)
+    resumed = KLCoefficient(cfg, tmp_path, backend)
+    assert resumed.at(2) == run.at(2)  # bit for bit, read from the stage dir
+    with pytest.raises(RuntimeError, match="no KL coefficient for rollout 3"):
+        resumed.at(3)

@@ -44,6 +44,7 @@ from align_runner.engine.online import Rollout, Update, fit_online
 from align_runner.engine.rollout import row_seed
 from align_runner.fsutil import atomic_write_json
 from align_runner.models.critic import completion_values, load_critic
+from align_runner.models.loading import enable_gradient_checkpointing, save_pretrained_atomic
 from align_runner.models.peft import is_peft_model
 from align_runner.registry import Input, register_stage
 from align_runner.stages.context import StageContext
@@ -91,9 +92,10 @@ def old_values(model, batch: dict, backend) -> torch.Tensor:
     return (values.float() * on_device["completion_mask"]).cpu()
 
 
-def critic_train(ctx: StageContext):
-    """The critic's train settings: the stage's, changed by ``algorithm.critic.train``."""
-    return stage_train(OmegaConf.create({"train": ctx.train}), ctx.section.critic)
+def critic_train(cfg, section):
+    """The critic's train settings: the stage's (``train`` changed by ``algorithm.train``), then changed
+    by ``algorithm.critic.train``."""
+    return stage_train(OmegaConf.create({"train": stage_train(cfg, section)}), section.critic)
 
 
 def check_ppo(cfg, spec) -> None:
@@ -116,7 +118,7 @@ def check_ppo(cfg, spec) -> None:
         "a reward stage in the pipeline to start the critic from (add reward to algorithm.stages), or critic.init=policy",
         str(a.critic.init),
     )
-    t = stage_train(OmegaConf.create({"train": stage_train(cfg, a)}), a.critic)
+    t = critic_train(cfg, a)
     require(t.lr > 0, f"{where}.critic.train.lr", "a positive learning rate", t.lr)
 
 
@@ -135,13 +137,7 @@ def run_ppo(ctx: StageContext) -> dict[str, float]:
     engine = ctx.engine()
     total = int(a.rollouts) * int(a.ppo_epochs) * int(a.steps_per_rollout)
     policy = engine.setup(ctx.load_policy(), total_steps=total)
-    critic_from = ctx.input_dir("reward_model") / "model" if str(a.critic.init) == "reward" else ctx.input_model_path()
-    critic = engine.setup(
-        load_critic(str(critic_from), init=str(a.critic.init), dtype=ctx.dtype).to(backend.device),
-        total_steps=total,
-        name="critic",
-        train=critic_train(ctx),
-    )
+    critic = engine.setup(load_stage_critic(ctx), total_steps=total, name="critic", train=critic_train(ctx.cfg, a))
     # a frozen copy of the input model; under LoRA the adapter-disabled policy is the reference
     reference = None if is_peft_model(backend.unwrap(policy.model)) else ctx.load_frozen_policy()
     rollout = PPORollout(ctx, policy, critic, tokenizer, prompts, reward_functions(ctx), reference)
@@ -160,10 +156,18 @@ def run_ppo(ctx: StageContext) -> dict[str, float]:
     return result.metrics
 
 
+def load_stage_critic(ctx: StageContext):
+    """The critic this stage starts from (``algorithm.critic.init``), on the device; trained in full."""
+    init = str(ctx.section.critic.init)
+    source = ctx.input_dir("reward_model") / "model" if init == "reward" else ctx.input_model_path()
+    critic = load_critic(str(source), init=init, dtype=ctx.dtype)
+    if ctx.cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(critic)
+    return critic.to(ctx.backend.device)
+
+
 def save_critic(ctx: StageContext, model, tokenizer) -> None:
     """The critic in Hugging Face layout under ``<stage>/critic`` (collective: sharded weights are gathered)."""
-    from align_runner.models.loading import save_pretrained_atomic
-
     state = ctx.backend.full_state_dict(model)
     if ctx.is_main:
         save_pretrained_atomic(ctx.backend.unwrap(model), tokenizer, str(ctx.out_dir / CRITIC_DIR), state_dict=state)
@@ -185,6 +189,8 @@ class KLCoefficient:
         self.values: dict[int, float] = {0: float(a.kl_coef)}
 
     def at(self, i: int) -> float:
+        if self.target is None:
+            return self.values[0]
         if i not in self.values:  # a resumed run: rollout i's value was written by the interrupted one
             read = {int(k): v for k, v in json.loads(self.path.read_text()).items()} if self.backend.is_main else None
             saved = self.backend.broadcast_object(read)
@@ -241,34 +247,36 @@ class PPORollout:
         kl = self._advantages(batches, kl_coef)
         logps = torch.cat([masked_sum(b["old_logps"], b["completion_mask"], dim=-1) for b in batches])
 
-        # each row's statistics over the whole rollout (every process's rows at their positions)
         columns = {
             "score": scores, "reward": total, **{f"rewards/{n}/mean": v for n, v in raw.per_function.items()},
             "eos": has_eos.float(), "length": lengths, "kl": kl, "logps": logps,
         }
-        stacked = global_rows(torch.stack(list(columns.values()), dim=1), positions, P, backend).float()
-        full = dict(zip(columns, stacked.unbind(1)))
-        # KL and log-probs are already summed over each completion's tokens: one column per row
-        stats = rollout_stats(full["score"], full["kl"][:, None], torch.ones(P, 1), kl_coef=kl_coef, logps=full["logps"][:, None])
-        metrics = {k: float(v) for k, v in stats.items()}
-        metrics.update(
-            {
-                "objective/kl_coef": kl_coef,
-                "val/num_eos_tokens": float(full["eos"].sum()),
-                "reward": float(full["reward"].mean()),
-                **{f"rewards/{n}/mean": float(full[f"rewards/{n}/mean"].nanmean()) for n in raw.per_function},
-                "completions/mean_length": float(full["length"].mean()),
-                "completions/min_length": float(full["length"].min()),
-                "completions/max_length": float(full["length"].max()),
-                "completions/clipped_ratio": float(1 - full["eos"].mean()),
-            }
-        )
+        metrics = self._metrics(columns, positions, kl_coef)
         self.kl.update(i, metrics["objective/kl"], n_steps=P)
         samples = [
             {"prompt": r.get("prompt_text", ""), "completion": t, "reward": float(s)}
             for r, t, s in list(zip(rows, texts, scores.tolist()))[: max(int(a.samples), 0)]
         ]
         return Rollout(steps, metrics, samples)
+
+    def _metrics(self, columns: dict[str, torch.Tensor], positions: list[int], kl_coef: float) -> dict[str, float]:
+        """The rollout's metrics from each row's statistics, gathered over every process's rows."""
+        stacked = global_rows(torch.stack(list(columns.values()), dim=1), positions, self.P, self.backend).float()
+        full = dict(zip(columns, stacked.unbind(1)))
+        # KL and log-probs are already summed over each completion's tokens: one column per row
+        one_column = torch.ones(self.P, 1)
+        stats = rollout_stats(full["score"], full["kl"][:, None], one_column, kl_coef=kl_coef, logps=full["logps"][:, None])
+        return {
+            **{k: float(v) for k, v in stats.items()},
+            "objective/kl_coef": kl_coef,
+            "val/num_eos_tokens": float(full["eos"].sum()),
+            "reward": float(full["reward"].mean()),
+            **{k: float(v.nanmean()) for k, v in full.items() if k.startswith("rewards/")},
+            "completions/mean_length": float(full["length"].mean()),
+            "completions/min_length": float(full["length"].min()),
+            "completions/max_length": float(full["length"].max()),
+            "completions/clipped_ratio": float(1 - full["eos"].mean()),
+        }
 
     def _batches(self, examples: list[dict]) -> list[dict]:
         """Collated micro-batches with the rollout's log-probs (policy, reference) and values."""
