@@ -280,6 +280,9 @@ def check_values(cfg: DictConfig) -> None:
         require(t.max_steps > 0 or t.epochs > 0, f"{where}.epochs", "> 0 (or train.max_steps > 0)", t.epochs)
         require(0 <= t.warmup_ratio <= 1, f"{where}.warmup_ratio", "a fraction in [0, 1]", t.warmup_ratio)
         require(t.log_every >= 1, f"{where}.log_every", "an integer >= 1", t.log_every)
+        budget = t.max_tokens_per_batch
+        require(budget is None or budget >= 1, f"{where}.max_tokens_per_batch", "null or a token count >= 1", budget)
+        require(t.logits_chunk_tokens >= 1, f"{where}.logits_chunk_tokens", "a token count >= 1", t.logits_chunk_tokens)
     hw = cfg.hardware
     require(hw.num_processes >= 1, "hardware.num_processes", "an integer >= 1", hw.num_processes)
     require(hw.num_nodes >= 1, "hardware.num_nodes", "an integer >= 1", hw.num_nodes)
@@ -297,6 +300,7 @@ def _check_hardware(cfg: DictConfig) -> None:
     """The backend's package is installed, ZeRO has a stage, QLoRA can run here — before models load."""
     import importlib.util
 
+    from align_runner.models.loading import ModelOptionError, check_model_options
     from align_runner.models.peft import QuantizationUnavailableError, check_quantization
 
     hw = cfg.hardware
@@ -306,7 +310,8 @@ def _check_hardware(cfg: DictConfig) -> None:
             raise ConfigError(f"hardware={hw.name} uses DeepSpeed, which is not installed: pip install 'align-runner[deepspeed]'")
     try:
         check_quantization(cfg.model, hw)
-    except QuantizationUnavailableError as e:
+        check_model_options(cfg.model)
+    except (QuantizationUnavailableError, ModelOptionError) as e:
         raise ConfigError(str(e)) from None
 
 

@@ -164,3 +164,87 @@ def test_without_a_request_the_head_is_the_plain_linear(tiny_dir):
         after = model(input_ids=ids).logits
     assert torch.equal(before, after)
     assert "lm_head.weight" in model.state_dict()
+
+
+def test_packed_reward_scores_equal_the_padded_ones(tiny_dir):
+    from align_runner.algos.reward import bradley_terry_loss
+    from align_runner.models.loading import load_sequence_classifier
+    from align_runner.stages.reward import TokenScores, reward_step
+
+    torch.manual_seed(0)
+    model = load_sequence_classifier(tiny_dir)
+    pairs = [
+        {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10]},
+        {"prompt_ids": [11], "chosen_ids": [12, 13, 14], "rejected_ids": [15, 16]},
+    ]
+    scores = TokenScores(model)
+    padded = reward_step(model, collate_preference(pairs, 0), loss_fn=bradley_terry_loss, token_scores=scores)
+    padded.loss.backward()
+    reference = _grads(model)
+    packed_batch = collate_packed_preference(pairs, 0, max_tokens=9)
+    assert packed_batch["input_ids"].shape[0] < 4
+    packed = reward_step(model, packed_batch, loss_fn=bradley_terry_loss, token_scores=scores)
+    packed.loss.backward()
+    assert packed.loss.item() == pytest.approx(padded.loss.item(), abs=1e-6)
+    for k in ("rewards/chosen_mean", "rewards/rejected_mean"):
+        assert float(packed.metrics[k]) == pytest.approx(float(padded.metrics[k]), abs=1e-5)
+    assert _max_diff(_grads(model), reference) < 1e-5
+
+
+# ----------------------------------------------------------------------------- config keys
+
+
+def test_missing_kernels_fail_at_compose_naming_the_key_and_the_install():
+    from align_runner.api import compose
+    from align_runner.validate import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model.attn_implementation=flash_attention_2 needs the flash_attn package, which is not installed: pip install flash-attn"):
+        compose(["model=tiny", "model.attn_implementation=flash_attention_2"])
+    with pytest.raises(ConfigError, match=r"^model.liger_kernel=true needs the liger_kernel package.*pip install liger-kernel"):
+        compose(["model=tiny", "model.liger_kernel=true"])
+    with pytest.raises(ConfigError, match=r"train.max_tokens_per_batch=0: expected null or a token count >= 1"):
+        compose(["model=tiny", "train.max_tokens_per_batch=0"])
+    with pytest.raises(Exception, match=r"eager.*sdpa.*flash_attention_2"):
+        compose(["model=tiny", "model.attn_implementation=flash"])
+    assert str(compose(["model=tiny", "model.attn_implementation=eager"]).model.attn_implementation) == "eager"
+
+
+def _sft_key_config(overrides: list[str]) -> dict:
+    from align_runner.api import compose
+    from align_runner.pipeline.graph import build_graph, stage_config
+    from align_runner.pipeline.keys import strip_non_result
+
+    cfg = compose(["model=tiny", *overrides])
+    spec = next(s for s in build_graph(cfg) if s.kind == "sft")
+    return strip_non_result(stage_config(cfg, spec, ["sft"]))
+
+
+def test_speed_settings_enter_stage_keys_only_when_set():
+    default = _sft_key_config([])
+    # at their defaults the new settings are not hashed: the stage keys of earlier runs stay valid
+    assert "packing" not in default["train"] and "max_tokens_per_batch" not in default["train"]
+    assert "attn_implementation" not in default["model"] and "compile" not in default["model"]
+    assert "micro_batch_size" in default["train"]  # (the stripping is not of the whole section)
+    packed = _sft_key_config(["train.packing=true", "train.max_tokens_per_batch=4096", "model.attn_implementation=eager"])
+    assert packed["train"]["packing"] is True and packed["train"]["max_tokens_per_batch"] == 4096
+    assert packed["model"]["attn_implementation"] == "eager"
+
+
+# ------------------------------------------------------------------------------ torch.compile
+
+
+def test_compiled_tiny_model_trains_like_the_eager_one(tiny_dir):
+    """model.compile=true on CPU: the same loss and gradients through the counted head."""
+    rows = _sft_rows(4)
+    batch = collate_packed_sft(rows, 0, max_tokens=40)
+    results = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = load_causal_lm(tiny_dir, compile=compile)
+        head = CountedHead(model, chunk_size=16)
+        out = sft_loss(head.target_logps(model, batch, batch["labels"] != -100), None)
+        out.loss.backward()
+        results.append((out.loss.item(), _grads(model)))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it really compiled
+    assert results[1][0] == pytest.approx(results[0][0], abs=1e-5)
+    assert _max_diff(results[1][1], results[0][1]) < 1e-5

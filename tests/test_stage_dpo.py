@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import run
 
+from align_runner.algos.logprobs import sequence_logps
 from align_runner.api import compose
 from align_runner.data.collate import collate_preference
 from align_runner.models.loading import load_causal_lm, load_tokenizer
@@ -24,7 +25,6 @@ from align_runner.stages.ref_logps import (
     ReferenceMismatchError,
     attach_reference,
     load_reference_logps,
-    preference_forward,
 )
 
 # DPO's config sets a learning rate for real models; the tiny one needs a much larger one to move in a few steps
@@ -154,9 +154,11 @@ def test_reference_artifact_holds_the_sft_models_log_probs(dpo_run):
     assert len(refs) == len(rows) == 64
     sft_model = str(Path(dpo_run.stage("sft").dir) / "model")
     model, tokenizer = load_causal_lm(sft_model).eval(), load_tokenizer(sft_model)
-    with torch.no_grad():  # one pair at a time: no padding at all
+    with torch.no_grad():  # one pair at a time: no padding at all; all logits, as a plain computation does
         for i in (0, 5, 63):
-            logps, _ = preference_forward(model, collate_preference([rows[i]], tokenizer.pad_token_id))
+            batch = collate_preference([rows[i]], tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
             assert refs[i]["ref_chosen_logps"] == pytest.approx(float(logps[0]), abs=1e-4)
             assert refs[i]["ref_rejected_logps"] == pytest.approx(float(logps[1]), abs=1e-4)
 

@@ -59,7 +59,8 @@ def collate_preference(examples: Sequence[Mapping], pad_id: int, *, pad_to_multi
 
 
 def collate_packed_sft(examples: Sequence[Mapping], pad_id: int, *, max_tokens: int) -> dict:
-    """SFT examples packed padding-free into rows of at most ``max_tokens`` tokens (``data/pack.py``).
+    """SFT examples packed padding-free into rows of at most ``max_tokens`` tokens (``data/pack.py``;
+    rows as long as the longest example when it is longer).
 
     Returns ``input_ids``, ``position_ids`` (restarting at 0 per example), ``labels`` (-100 off the loss
     mask, on padding and on each example's first token) and ``sequence_ids``, all (R, W), and
@@ -67,9 +68,8 @@ def collate_packed_sft(examples: Sequence[Mapping], pad_id: int, *, max_tokens: 
     ``attention_mask``: the restarting positions keep attention inside each example.
     """
     _check(examples, pad_id)
-    packed = pack_sequences(
-        [list(e["input_ids"]) for e in examples], [list(e["loss_mask"]) for e in examples], max_tokens, pad_id
-    )
+    sequences = [list(e["input_ids"]) for e in examples]
+    packed = pack_sequences(sequences, [list(e["loss_mask"]) for e in examples], _capacity(sequences, max_tokens), pad_id)
     labels = packed["input_ids"].masked_fill(packed.pop("loss_mask") == 0, IGNORE_INDEX)
     return {**packed, "labels": labels, "num_items": int((labels != IGNORE_INDEX).sum())}
 
@@ -81,7 +81,8 @@ def collate_packed_preference(examples: Sequence[Mapping], pad_id: int, *, max_t
     all (R, W); ``num_items`` = B; the examples' extra fields as in ``collate_preference``."""
     _check(examples, pad_id)
     sequences, masks = _preference_sequences(examples)
-    batch: dict[str, Any] = {**pack_sequences(sequences, masks, max_tokens, pad_id), "num_items": len(examples)}
+    packed = pack_sequences(sequences, masks, _capacity(sequences, max_tokens), pad_id)
+    batch: dict[str, Any] = {**packed, "num_items": len(examples)}
     batch.update(_extra_fields(examples, {"prompt_ids", "chosen_ids", "rejected_ids"}, tensors=True))
     return batch
 
@@ -128,6 +129,11 @@ def _check(examples: Sequence[Mapping], pad_id: Any) -> None:
     if pad_id is None or isinstance(pad_id, bool) or not isinstance(pad_id, int):
         raise ValueError(f"pad_id must be an int token id (use eos_token_id when the tokenizer has no pad "
                          f"token), got {pad_id!r}")
+
+
+def _capacity(sequences: Sequence[Sequence[int]], max_tokens: int) -> int:
+    # a sequence longer than max_tokens (e.g. prompt + response past data.max_length) gets a row of its own
+    return max(max_tokens, *(len(s) for s in sequences))
 
 
 def _width(rows: Sequence[Sequence[int]], multiple: int | None) -> int:

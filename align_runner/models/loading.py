@@ -46,6 +46,57 @@ class ModelSourceError(RuntimeError):
     """A model source cannot be turned into something `from_pretrained` can load."""
 
 
+class ModelOptionError(ValueError):
+    """A model speed option (`model.attn_implementation`, `model.liger_kernel`) cannot run here."""
+
+
+# option value -> (importable module it needs, what to install)
+_NEEDS = {
+    "flash_attention_2": ("flash_attn", "pip install flash-attn --no-build-isolation (CUDA GPUs only)"),
+    "liger_kernel": ("liger_kernel", "pip install liger-kernel (CUDA GPUs only)"),
+}
+
+
+def check_model_options(model_cfg: Any) -> None:
+    """Fail at validation time, naming the key and what to install, when an asked-for kernel is missing."""
+    import importlib.util
+
+    asked = []
+    if model_cfg.get("attn_implementation") is not None and str(model_cfg.attn_implementation) == "flash_attention_2":
+        asked.append(("model.attn_implementation=flash_attention_2", "flash_attention_2"))
+    if model_cfg.get("liger_kernel"):
+        asked.append(("model.liger_kernel=true", "liger_kernel"))
+    for key, need in asked:
+        module, install = _NEEDS[need]
+        if importlib.util.find_spec(module) is None:
+            raise ModelOptionError(f"{key} needs the {module} package, which is not installed: {install}")
+
+
+def speed_options(model_cfg: Any, *, training: bool) -> dict[str, Any]:
+    """The keyword arguments of `load_causal_lm` / `load_sequence_classifier` set by `model.*`.
+
+    `model.compile` applies to models a stage trains: generation and scoring run eager (their shapes
+    change on every call, which would recompile again and again)."""
+    attn = model_cfg.get("attn_implementation")
+    return {
+        "attn_implementation": None if attn is None else str(attn),
+        "liger_kernel": bool(model_cfg.get("liger_kernel", False)),
+        "compile": training and bool(model_cfg.get("compile", False)),
+    }
+
+
+def _apply_speed_options(model: PreTrainedModel, *, liger_kernel: bool, compile: bool) -> PreTrainedModel:
+    if liger_kernel:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        # kernels for norms / RoPE / MLP only: the loss is align_runner's own (models/counted_head.py)
+        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+    if compile:
+        # in place (nn.Module.compile): the module, its parameters and state-dict keys stay the same
+        model.compile()
+    return model
+
+
 # --------------------------------------------------------------------------- sources
 
 
@@ -123,21 +174,33 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     gradient_checkpointing: bool = False,
     quantization: str | None = None,
+    attn_implementation: str | None = None,
+    liger_kernel: bool = False,
+    compile: bool = False,
 ) -> PreTrainedModel:
     """`AutoModelForCausalLM` in `dtype`, optionally with (non-reentrant) gradient checkpointing.
 
     `quantization` ("4bit" / "8bit", CUDA + bitsandbytes) loads a frozen quantized base for QLoRA,
-    placed on this process's GPU."""
+    placed on this process's GPU. `attn_implementation` (None: transformers' default), `liger_kernel`
+    and `compile` are the `model.*` speed options (`speed_options`)."""
     from align_runner.models.peft import prepare_quantized, quantization_kwargs
 
     model = AutoModelForCausalLM.from_pretrained(
-        path, revision=revision_for(path), **{_DTYPE_KWARG: dtype}, **quantization_kwargs(quantization, dtype)
+        path,
+        revision=revision_for(path),
+        **{_DTYPE_KWARG: dtype},
+        **quantization_kwargs(quantization, dtype),
+        **_attn_kwargs(attn_implementation),
     )
     if quantization is not None:
         return prepare_quantized(model, gradient_checkpointing)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    return model
+    return _apply_speed_options(model, liger_kernel=liger_kernel, compile=compile)
+
+
+def _attn_kwargs(attn_implementation: str | None) -> dict[str, str]:
+    return {} if attn_implementation is None else {"attn_implementation": attn_implementation}
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
@@ -152,7 +215,14 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
-def load_sequence_classifier(path: str, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_sequence_classifier(
+    path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    liger_kernel: bool = False,
+    compile: bool = False,
+) -> PreTrainedModel:
     """Scalar-output model (`num_labels=1`) for reward modelling: scores of shape (B, 1).
 
     From a causal-LM checkpoint the backbone is reused and the `score` head is freshly initialised
@@ -160,9 +230,15 @@ def load_sequence_classifier(path: str, *, dtype: torch.dtype = torch.float32) -
     the model finds each row's last real token as the last position that is not padding.
     """
     pad_token_id = _pad_token_id(path)
-    return AutoModelForSequenceClassification.from_pretrained(
-        path, revision=revision_for(path), num_labels=1, pad_token_id=pad_token_id, **{_DTYPE_KWARG: dtype}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        revision=revision_for(path),
+        num_labels=1,
+        pad_token_id=pad_token_id,
+        **{_DTYPE_KWARG: dtype},
+        **_attn_kwargs(attn_implementation),
     )
+    return _apply_speed_options(model, liger_kernel=liger_kernel, compile=compile)
 
 
 def _pad_token_id(path: str) -> int:

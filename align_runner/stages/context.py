@@ -98,7 +98,7 @@ class StageContext:
 
     def load_policy(self):
         """The input model; in a training stage with ``model.lora`` set, wrapped with fresh adapters."""
-        from align_runner.models.loading import load_causal_lm
+        from align_runner.models.loading import load_causal_lm, speed_options
         from align_runner.registry import get_stage
 
         m = self.cfg.model
@@ -107,6 +107,7 @@ class StageContext:
             dtype=self.dtype,
             gradient_checkpointing=bool(m.gradient_checkpointing),
             quantization=m.quantization,
+            **speed_options(m, training=get_stage(self.spec.kind).trains),
         )
         if m.lora is not None and get_stage(self.spec.kind).trains:
             from align_runner.models.peft import apply_lora

@@ -1,6 +1,7 @@
 """dpo: offline preference optimisation with any loss of ``align_runner.algos.dpo`` (``algorithm.loss``).
 
-Each step runs ONE forward pass, the policy's, over the 2B concatenated chosen + rejected rows; the
+Each step runs ONE forward pass, the policy's, over the 2B concatenated chosen + rejected rows (packed
+padding-free with ``train.packing``; the LM head runs on response tokens only); the
 reference log-probs come precomputed from the ``ref_logps`` stage named by ``algorithm.reference.stage``
 (pipeline=auto inserts it right before this stage, on the same input model). Metrics are the losses'
 own: ``rewards/{chosen,rejected,accuracies,margins}`` and ``logps/{chosen,rejected}``, and the same on
@@ -16,7 +17,8 @@ from hydra.utils import instantiate
 from torch import Tensor
 
 from align_runner.algos.types import LossOutput, PreferenceLogps
-from align_runner.data.collate import collate_preference
+from align_runner.data.collate import collate_packed_preference, collate_preference, pair_tokens
+from align_runner.models.counted_head import CountedHead
 from align_runner.registry import Input, register_stage
 from align_runner.stages.context import StageContext
 from align_runner.stages.ref_logps import attach_reference, preference_forward
@@ -42,10 +44,17 @@ def batch_logps(logps: Tensor, tokens: Tensor, batch: dict) -> PreferenceLogps:
     )
 
 
-def dpo_step(model, batch: dict, *, loss_fn) -> LossOutput:
+def dpo_step(model, batch: dict, *, head: CountedHead, loss_fn) -> LossOutput:
     """``loss_fn(PreferenceLogps)`` on one micro-batch: the mean over its B pairs."""
-    logps, tokens = preference_forward(model, batch)
+    logps, tokens = preference_forward(model, batch, head)
     return loss_fn(batch_logps(logps, tokens, batch))
+
+
+def preference_collate(ctx: StageContext, pad_id: int):
+    """Padded pairs, or with ``train.packing`` the 2B sequences packed into rows of ``data.max_length``."""
+    if ctx.train.packing:
+        return partial(collate_packed_preference, pad_id=pad_id, max_tokens=int(ctx.cfg.data.max_length))
+    return partial(collate_preference, pad_id=pad_id)
 
 
 @register_stage(
@@ -58,7 +67,8 @@ def dpo_step(model, batch: dict, *, loss_fn) -> LossOutput:
 def run_dpo(ctx: StageContext) -> dict[str, float]:
     tokenizer = ctx.tokenizer()
     policy = ctx.load_policy()
-    step = partial(dpo_step, loss_fn=instantiate(ctx.section.loss))
+    head = CountedHead(policy, int(ctx.train.logits_chunk_tokens))
+    step = partial(dpo_step, head=head, loss_fn=instantiate(ctx.section.loss))
     ref_dir = ctx.input_dir("reference")
     train_rows, eval_rows = ctx.splits("preference")
     train_rows = attach_reference(train_rows, ref_dir, "train")
@@ -67,9 +77,10 @@ def run_dpo(ctx: StageContext) -> dict[str, float]:
         step,
         model=policy,
         train_data=train_rows,
-        collate=partial(collate_preference, pad_id=tokenizer.pad_token_id),
+        collate=preference_collate(ctx, tokenizer.pad_token_id),
         eval_data=eval_rows,
         eval_step=step,
+        length=pair_tokens,
     )
     ctx.save_model(policy, tokenizer)
     return result.metrics

@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from align_runner.algos.logprobs import sequence_logps
+from align_runner.algos.logprobs import sequence_sums
+from align_runner.config import TrainConfig
 from align_runner.data.collate import collate_preference
 from align_runner.fsutil import atomic_write_text
+from align_runner.models.counted_head import CountedHead
 from align_runner.models.peft import reference_mode
 from align_runner.registry import register_stage
 from align_runner.stages.context import StageContext
@@ -39,20 +41,32 @@ def ref_path(stage_dir: Path, split: str) -> Path:
     return Path(stage_dir) / f"ref-{split}.jsonl"
 
 
-def preference_forward(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
-    """One forward over a ``collate_preference`` batch: (sequence log-probs (2B,), response tokens (2B,)).
+def preference_forward(model: nn.Module, batch: dict, head: CountedHead) -> tuple[Tensor, Tensor]:
+    """One forward over a ``collate_preference`` (or packed) batch: (sequence log-probs (2B,), response
+    tokens (2B,)).
 
-    Rows 0..B-1 are the chosen responses and B..2B-1 the rejected ones; only response tokens count.
+    Sequences 0..B-1 are the chosen responses and B..2B-1 the rejected ones; only response tokens count,
+    and only they go through the LM head (``head``, installed on ``model``).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+    picked = head.target_logps(model, batch, batch["loss_mask"])
+    sequences = 2 * int(batch["num_items"])
+    tokens = torch.bincount(picked.sequence, minlength=sequences)
+    return sequence_sums(picked.logps, picked.sequence, sequences), tokens
 
 
 @torch.no_grad()
 def compute_reference_logps(
-    model: nn.Module, rows: Sequence[dict], *, pad_id: int, batch_size: int, backend
+    model: nn.Module,
+    rows: Sequence[dict],
+    *,
+    pad_id: int,
+    batch_size: int,
+    backend,
+    chunk_size: int = TrainConfig.logits_chunk_tokens,
 ) -> Tensor:
     """Reference log-probs of every row: (2, N) float64, [0] chosen and [1] rejected.
+
+    ``chunk_size``: response tokens whose logits are computed at a time (``train.logits_chunk_tokens``).
 
     Batches are dealt round-robin to the processes; each row is computed by exactly one of them, so a
     sum over processes assembles the whole table on every one.
@@ -60,13 +74,14 @@ def compute_reference_logps(
     if batch_size < 1:
         raise ValueError(f"reference.batch_size must be >= 1, got {batch_size}")
     model.eval()
+    head = CountedHead(model, chunk_size)
     out = torch.zeros(2, len(rows), dtype=torch.float64)
     for start in range(backend.rank * batch_size, len(rows), batch_size * backend.world_size):
         stop = min(start + batch_size, len(rows))
         batch = collate_preference(rows[start:stop], pad_id)
         batch = {k: v.to(backend.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         with reference_mode(model), backend.autocast():
-            logps, _ = preference_forward(model, batch)
+            logps, _ = preference_forward(model, batch, head)
         out[:, start:stop] = logps.detach().double().cpu().view(2, -1)
     return backend.all_reduce_sum(out).cpu()
 
@@ -109,6 +124,7 @@ def run_ref_logps(ctx: StageContext) -> dict[str, float]:
             pad_id=tokenizer.pad_token_id,
             batch_size=int(ctx.section.batch_size),
             backend=ctx.backend,
+            chunk_size=int(ctx.train.logits_chunk_tokens),
         )
         if ctx.is_main:
             lines = (json.dumps(dict(zip(REF_FIELDS, pair))) + "\n" for pair in table.t().tolist())

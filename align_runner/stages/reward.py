@@ -22,11 +22,13 @@ from hydra.utils import instantiate
 from torch import nn
 
 from align_runner.algos.types import LossOutput
-from align_runner.data.collate import collate_preference
-from align_runner.models.loading import enable_gradient_checkpointing, load_sequence_classifier
+from align_runner.data.collate import pair_tokens
+from align_runner.models.counted_head import model_inputs
+from align_runner.models.loading import enable_gradient_checkpointing, load_sequence_classifier, speed_options
 from align_runner.models.peft import is_peft_model, peft_lora_config
 from align_runner.registry import register_stage
 from align_runner.stages.context import StageContext
+from align_runner.stages.dpo import preference_collate
 
 
 def pair_margin(batch: dict) -> torch.Tensor | None:
@@ -49,9 +51,36 @@ def with_lora(model: nn.Module, lora) -> nn.Module:
     return get_peft_model(model, replace(peft_lora_config(lora), task_type=TaskType.SEQ_CLS))
 
 
-def reward_step(model, batch: dict, *, loss_fn) -> LossOutput:
-    """Score the 2B chosen + rejected rows in one forward; the loss is the mean over the B pairs."""
-    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+class TokenScores:
+    """Keeps the score head's per-position output of the latest forward (a forward hook on ``score``).
+
+    The classifier pools its scores at each ROW's last real token; a packed row holds several sequences,
+    whose rewards are the scores at each SEQUENCE's last token, so they are read from the head's own
+    output, inside the one forward of the wrapped model.
+    """
+
+    def __init__(self, model: nn.Module):
+        base = model.get_base_model() if is_peft_model(model) else model
+        self.scores: torch.Tensor | None = None
+        base.score.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self.scores = output
+
+    def sequence_scores(self, batch: dict) -> torch.Tensor:
+        """(2B,) score at the last token of each packed sequence, in sequence order."""
+        assert self.scores is not None, "no forward ran"
+        seq = batch["sequence_ids"]
+        last = seq != torch.cat([seq[:, 1:], torch.full_like(seq[:, :1], -1)], dim=1)
+        last &= seq >= 0
+        out = self.scores.new_zeros(2 * int(batch["num_items"]))
+        return out.index_put((seq[last],), self.scores.squeeze(-1)[last])
+
+
+def reward_step(model, batch: dict, *, loss_fn, token_scores: TokenScores | None = None) -> LossOutput:
+    """Score the 2B chosen + rejected sequences in one forward; the loss is the mean over the B pairs."""
+    logits = model(**model_inputs(batch)).logits
+    scores = token_scores.sequence_scores(batch) if "sequence_ids" in batch else logits.squeeze(-1)
     chosen, rejected = scores.chunk(2)
     margin = pair_margin(batch)
     return loss_fn(chosen, rejected, margin=None if margin is None else margin.to(scores.dtype))
@@ -64,21 +93,24 @@ def run_reward(ctx: StageContext) -> dict[str, float]:
     tokenizer = ctx.tokenizer()
     # The score head is new and random: seed its initialisation so the stage key fixes the result.
     torch.manual_seed(int(ctx.cfg.seed))
-    model = load_sequence_classifier(ctx.input_model_path(), dtype=ctx.dtype)
+    model = load_sequence_classifier(
+        ctx.input_model_path(), dtype=ctx.dtype, **speed_options(ctx.cfg.model, training=True)
+    )
     if ctx.cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if ctx.cfg.model.lora is not None:
         model = with_lora(model, ctx.cfg.model.lora)
     model = model.to(ctx.backend.device)
-    step = partial(reward_step, loss_fn=instantiate(ctx.section.loss))
+    step = partial(reward_step, loss_fn=instantiate(ctx.section.loss), token_scores=TokenScores(model))
     train_rows, eval_rows = ctx.splits("preference")
     result = ctx.engine().fit(
         step,
         model=model,
         train_data=train_rows,
-        collate=partial(collate_preference, pad_id=tokenizer.pad_token_id),
+        collate=preference_collate(ctx, tokenizer.pad_token_id),
         eval_data=eval_rows,
         eval_step=step,
+        length=pair_tokens,
     )
     if is_peft_model(model):
         # a reward model is read as a whole classifier (AutoModelForSequenceClassification), so its
