@@ -98,3 +98,42 @@ def test_per_micro_batch_mean_is_not_equal_for_ragged_lengths() -> None:
     naive = sum(sft_loss(logits[i : i + 1], labels[i : i + 1]).loss for i in range(8)) / 8
     # The naive mean gives the 1-token row as much weight as the 8-token row.
     assert abs(naive.item() - full.item()) > 0.1
+
+
+def test_counted_logps_in_chunks_equal_the_full_logits_loss() -> None:
+    """sft_loss on TargetLogps (head + log-softmax on counted positions only, in chunks of 3) equals
+    sft_loss on the full (B, T, V) logits: values, token accuracy and gradients."""
+    from align_runner.algos.logprobs import TargetLogps, linear_token_logps, next_token_targets
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 5)
+    weight = torch.randn(11, 5)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[0, :3] = -100
+    labels[1, 4:] = -100
+    w_full = weight.clone().requires_grad_(True)
+    full = sft_loss(hidden @ w_full.T, labels)
+    full.loss.backward()
+
+    w_counted = weight.clone().requires_grad_(True)
+    positions, targets = next_token_targets(labels.clamp(min=0), labels != -100)
+    # row 0 targets columns 3..5 (logits at 2..4); row 1 columns 1..3 (label 0 never counts)
+    assert positions.nonzero().tolist() == [[0, 2], [0, 3], [0, 4], [1, 0], [1, 1], [1, 2]]
+    logps, correct = linear_token_logps(hidden[positions], w_counted, targets, chunk_size=4)
+    counted = sft_loss(TargetLogps(logps, correct, torch.zeros_like(targets)), None)
+    counted.loss.backward()
+    assert counted.loss.item() == pytest.approx(full.loss.item(), abs=1e-6)
+    assert float(counted.metrics["mean_token_accuracy"]) == float(full.metrics["mean_token_accuracy"])
+    assert int(counted.metrics["num_tokens"]) == 6
+    assert (w_counted.grad - w_full.grad).abs().max().item() < 1e-6
+
+
+def test_linear_token_logps_by_hand() -> None:
+    from align_runner.algos.logprobs import linear_token_logps
+
+    # hidden [1, 0] with weight rows [0,0], [ln 3, 0]: logits (0, ln 3) -> p = (1/4, 3/4)
+    hidden = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    weight = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    logps, correct = linear_token_logps(hidden, weight, torch.tensor([0, 1]), chunk_size=1)
+    assert logps.tolist() == pytest.approx([math.log(0.25), math.log(0.75)])
+    assert correct.tolist() == [False, True]

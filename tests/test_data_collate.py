@@ -87,3 +87,22 @@ def test_bad_inputs():
         collate_sft([], PAD)
     with pytest.raises(ValueError, match="pad_id must be an int token id"):
         collate_prompts([{"prompt_ids": [1]}], None)
+
+
+def test_budget_lengths_are_the_padded_tokens_of_an_example():
+    from align_runner.data.collate import pair_tokens, sft_tokens
+
+    assert sft_tokens({"input_ids": [1, 2, 3], "loss_mask": [0, 1, 1]}) == 3
+    # two rows (chosen, rejected) as wide as prompt + the longer response: 2 x (2 + 3)
+    assert pair_tokens({"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [6]}) == 10
+    batch = collate_preference([{"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [6]}], PAD)
+    assert batch["input_ids"].numel() == 10
+
+
+def test_packed_sft_rows_grow_for_an_example_longer_than_the_budget():
+    from align_runner.data.collate import collate_packed_sft
+
+    batch = collate_packed_sft([{"input_ids": [1, 2, 3, 4], "loss_mask": [1] * 4}, {"input_ids": [5], "loss_mask": [1]}], PAD, max_tokens=2)
+    # rows are as long as the longest example (4 > 2); it fills one, the 1-token example starts another
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [5, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 0, 1, 2]]

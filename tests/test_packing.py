@@ -248,3 +248,27 @@ def test_compiled_tiny_model_trains_like_the_eager_one(tiny_dir):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it really compiled
     assert results[1][0] == pytest.approx(results[0][0], abs=1e-5)
     assert _max_diff(results[1][1], results[0][1]) < 1e-5
+
+
+# ------------------------------------------------------------------------------- the sft stage
+
+
+def test_sft_stage_packed_in_token_budgets_trains_on_the_same_steps(tiny):
+    """train.packing + train.max_tokens_per_batch change how each step's examples are batched, not
+    which examples a step trains on nor its normalisation: the same losses, and another stage key."""
+    import json
+    from pathlib import Path
+
+    from conftest import run
+
+    base = [*tiny, "algorithm.stages=[data_prep,sft]", "pipeline.eval=false", "train.max_steps=2", "data.sft.eval=null"]
+    plain = run(base).stage("sft")
+    packed = run([*base, "train.packing=true", "train.max_tokens_per_batch=256"]).stage("sft")
+    assert packed.key != plain.key and not packed.cache_hit
+
+    def losses(stage) -> list[float]:
+        rows = [json.loads(line) for line in (Path(stage.dir) / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    assert len(losses(plain)) == 2
+    assert losses(packed) == pytest.approx(losses(plain), abs=1e-4)
