@@ -99,9 +99,9 @@ def model_inputs(batch: dict) -> dict:
     """The forward keywords of a padded batch (ids + attention mask) or a packed one (ids + restarting
     positions, no mask: transformers then keeps attention inside each packed sequence).
 
-    No KV cache: training never reuses one, and transformers reads restarting positions as packed
-    sequences only when there is none (with a cache they would attend across examples).
+    A packed forward asks for no KV cache: transformers reads restarting positions as packed sequences
+    only when there is none (with a cache they would attend across examples).
     """
     if "position_ids" in batch and "attention_mask" not in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
