@@ -149,6 +149,7 @@ class DataConfig:
     preference: Optional[ViewConfig] = None
     # prompts with reference columns for eval / GRPO / PPO
     prompt: Optional[ViewConfig] = None
+    # tokens per sequence; with train.packing also the length of a packed row
     max_length: int = 512
     max_prompt_length: Optional[int] = None
     truncation: Truncation = Truncation.keep_start
