@@ -98,6 +98,15 @@ def test_token_budget_micro_batches_give_the_fixed_size_gradient(tiny_dir, tmp_p
     assert max((x - y).abs().max().item() for x, y in zip(ga, gb)) < 1e-5
 
 
+def test_packed_batches_count_their_real_tokens_for_throughput():
+    from align_runner.data.collate import collate_packed_sft
+    from align_runner.engine.loop import _real_tokens
+
+    rows = [{"input_ids": [1, 2, 3], "loss_mask": [1, 1, 1]}, {"input_ids": [4, 5], "loss_mask": [1, 1]}, {"input_ids": [6] * 4, "loss_mask": [1] * 4}]
+    packed = collate_packed_sft(rows, 0, max_tokens=5)  # rows [6 x4] + pad, [1 2 3 4 5]
+    assert packed["input_ids"].numel() == 10 and _real_tokens(packed) == 9 == _real_tokens(collate_sft(rows, 0))
+
+
 def test_step_batches_under_a_token_budget_by_hand(tmp_path):
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"micro_batch_size": 3, "grad_accum": 2, "max_tokens_per_batch": 10})
     backend = get_backend(OmegaConf.structured(HardwareConfig(name="cpu")))

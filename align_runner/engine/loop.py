@@ -47,6 +47,15 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _real_tokens(batch: Batch) -> int:
+    """Tokens of a batch that are not padding (a packed batch marks padding with sequence id -1)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "sequence_ids" in batch:
+        return int((batch["sequence_ids"] >= 0).sum())
+    return 0
+
+
 def schedule_indices(n: int, global_batch: int, epoch: int, seed: int) -> list[list[int]]:
     """Example indices of each optimizer step of one epoch.
 
@@ -200,7 +209,7 @@ class Engine:
         loss_total = torch.zeros((), device=backend.device)
         for j, batch in enumerate(batches):
             batch = _to_device(batch, backend.device)
-            self._tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            self._tokens += _real_tokens(batch)
             with backend.no_sync(state.model, sync=j == len(batches) - 1), backend.autocast(), self._offload():
                 out = step(state.model, batch)
                 # mean over this micro-batch -> share of the step's global mean; DDP averages
