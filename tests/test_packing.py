@@ -272,3 +272,11 @@ def test_sft_stage_packed_in_token_budgets_trains_on_the_same_steps(tiny):
 
     assert len(losses(plain)) == 2
     assert losses(packed) == pytest.approx(losses(plain), abs=1e-4)
+
+
+def test_counted_head_refuses_a_model_that_transforms_its_logits_after_the_head(tiny_dir):
+    # Gemma-2/3 cap their logits after the head: log-probs taken at the head would be silently wrong
+    model = load_causal_lm(tiny_dir)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(TypeError, match=r"config\.final_logit_softcapping=30\.0"):
+        CountedHead(model, 64)

@@ -23,6 +23,9 @@ from torch import Tensor, nn
 
 from align_runner.algos.logprobs import TargetLogps, linear_token_logps, next_token_targets
 
+# config attributes of models whose forward changes the logits after the output head
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
 
 @dataclass
 class _Request:
@@ -60,6 +63,13 @@ class CountedHead:
     """
 
     def __init__(self, model: nn.Module, chunk_size: int):
+        config = getattr(model, "config", None)
+        changed = [k for k in _LOGIT_TRANSFORMS if getattr(config, k, None) not in (None, 1, 1.0)]
+        if changed:
+            # the model rescales or caps its logits after the head (Gemma-2/3, Cohere, Granite): log-probs
+            # taken at the head would be silently wrong
+            raise TypeError(f"the counted-token loss scores the output head's logits, but this model transforms them "
+                            f"afterwards ({', '.join(f'config.{k}={getattr(config, k)}' for k in changed)}); not supported yet")
         head = model.get_output_embeddings()
         if type(head) not in (nn.Linear, _CountedLinear):
             raise TypeError(f"the counted-token loss needs an nn.Linear output head; this model has {type(head).__name__}")
