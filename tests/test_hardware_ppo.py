@@ -38,8 +38,8 @@ SHARDED = {
 # 3 rollouts x 2 passes x 2 mini-batches = 12 optimizer steps of each model
 ROLLOUTS = ["algorithm.rollouts=3", "algorithm.ppo_epochs=2", "algorithm.steps_per_rollout=2"]
 # Gradients summed in another order (one micro-batch per process + all-reduce vs one in one process)
-# differ in the last bits, which Adam turns into up to ~1e-5 on the weights after 12 steps at lr 3e-3; a
-# lost, doubled or shared update would be off by ~lr.
+# differ in the last bits, which Adam amplifies on weights whose gradient is near 0 (GRPO measured up to
+# 8.5e-6 after 6 steps at this lr); a lost, doubled or shared update is off by ~lr = 3e-3.
 WEIGHT_ATOL = 5e-5
 
 
@@ -68,7 +68,8 @@ def test_policy_and_critic_shard_and_match_one_process(profile, one_process, tmp
     for r, q in zip(rows, ref):  # the same completions, so the same scores, KL and lengths
         for k in ("objective/scores", "completions/mean_length", "val/num_eos_tokens"):
             assert r[k] == pytest.approx(q[k], rel=1e-6), (r["step"], k)
-        for k in ("objective/kl", "loss/policy_avg", "loss/value_avg"):
+        # the engine's step losses are global (its other step metrics are the main process's micro-batches)
+        for k in ("objective/kl", "loss", "critic/loss"):
             assert r[k] == pytest.approx(q[k], rel=1e-3, abs=1e-5), (r["step"], k)
     for load in (weights, critic_weights):
         w, ref_w = load(stage), load(one_process)
