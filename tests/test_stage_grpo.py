@@ -112,6 +112,8 @@ def test_reward_model_is_a_declared_input_whose_change_recomputes_grpo(tmp_path,
     assert [s for s in specs] == ["data_prep", "sft", "reward", "eval_before", "grpo", "eval_after"]
     # the grpo stage sees its data, its starting model and the reward model: nothing else
     assert input_stages(specs["grpo"]) == {"data": "data_prep", "model": "sft", "reward_model": "reward"}
+    # eval scores its generations with the pipeline's reward model too
+    assert input_stages(specs["eval_after"]) == {"data": "data_prep", "model": "grpo", "reward_model": "reward"}
 
     def keys(*extra):
         return {p.spec.name: p.key for p in plan(api.compose([*base, *extra]), StageStore(tmp_path / "store"))}
@@ -120,6 +122,7 @@ def test_reward_model_is_a_declared_input_whose_change_recomputes_grpo(tmp_path,
     assert rm_changed["reward"] != ref["reward"] and rm_changed["grpo"] != ref["grpo"]
     assert rm_changed["sft"] == ref["sft"]
     assert eval_changed["grpo"] == ref["grpo"]  # eval is no input of grpo
+    assert rm_changed["eval_before"] != ref["eval_before"]  # ... but the reward model is one of eval
 
 
 def test_grpo_scores_with_the_reward_model_of_its_pipeline(tmp_path, model_cache):
@@ -289,3 +292,22 @@ def test_every_variant_trains(variant, tmp_path, model_cache):
     before = load_file(str(next(p for p in Path(model_cache).glob("tiny-*") if p.is_dir()) / "model.safetensors"))
     after = weights(stage_dir(out, "grpo"))
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it took optimizer steps
+
+
+def test_eval_scores_generations_with_the_pipelines_reward_model(tmp_path, model_cache):
+    result = api.run(
+        [
+            "model=tiny", "algorithm=grpo_rm", f"paths.outputs={tmp_path}", f"paths.cache={model_cache}",
+            "data.sft.train.limit=32", "data.preference.train.limit=32", "data.prompt.train.limit=16",
+            "train.max_steps=2", "train.progress=false", "algorithm.rollouts=1", "algorithm.num_generations=4",
+            "algorithm.prompts_per_rollout=2", "algorithm.generation.max_new_tokens=4",
+            "eval.limit=6", "eval.samples=6", "eval.max_new_tokens=4",
+        ]
+    )
+    for name in ("eval_before", "eval_after"):
+        samples = json.loads((Path(result.stage(name).dir) / "samples.json").read_text())
+        scores = [s["reward_model"] for s in samples]
+        assert len(scores) == 6 and len(set(scores)) > 1  # one real score per generation
+        assert result.stage(name).metrics["reward_model"] == pytest.approx(sum(scores) / 6)
+    plain = api.compose(["model=tiny", "algorithm=grpo", f"paths.outputs={tmp_path}"])
+    assert all("reward_model" not in dict(s.inputs) for s in build_graph(plain))  # no reward stage, no input

@@ -55,23 +55,35 @@ def _auto(cfg: DictConfig) -> list[StageSpec]:
         # held-out prompts (a user's file without an eval split trains without eval stages)
         evaluate = kind == main and cfg.pipeline.eval and stage.policy and _heldout_prompts(cfg)
         if evaluate:
-            specs.append(StageSpec("eval_before", "eval", config="eval", model_from=model_from))
-        inputs: dict[str, str] = {}
+            specs.append(_eval_spec("eval_before", model_from, specs))
+        inputs = _provided(stage.inputs, specs)
         for role, inp in stage.inputs.items():
             if inp.derived is not None:
                 name = str(_derived_stage(cfg, config, inp))
                 specs.append(StageSpec(name, inp.kind, config=f"{config}.{inp.derived}", model_from=model_from))
                 inputs[role] = name
-                continue
-            provider = next((s.name for s in reversed(specs) if s.kind == inp.kind), None)
-            if provider is not None:
-                inputs[role] = provider
         specs.append(StageSpec(kind, kind, config=config, model_from=model_from, inputs=tuple(sorted(inputs.items()))))
         if stage.trains and stage.policy:
             model_from = kind
         if evaluate:
-            specs.append(StageSpec("eval_after", "eval", config="eval", model_from=model_from))
+            specs.append(_eval_spec("eval_after", model_from, specs))
     return specs
+
+
+def _provided(declared: Mapping[str, Input], specs: list[StageSpec]) -> dict[str, str]:
+    """Each declared input that is not derived, bound to the latest earlier stage of its kind (if any)."""
+    inputs = {}
+    for role, inp in declared.items():
+        provider = next((s.name for s in reversed(specs) if s.kind == inp.kind), None) if inp.derived is None else None
+        if provider is not None:
+            inputs[role] = provider
+    return inputs
+
+
+def _eval_spec(name: str, model_from: str | None, specs: list[StageSpec]) -> StageSpec:
+    """An eval stage on ``model_from``'s output, reading the pipeline's reward model when it has one."""
+    inputs = _provided(get_stage("eval").inputs, specs)
+    return StageSpec(name, "eval", config="eval", model_from=model_from, inputs=tuple(sorted(inputs.items())))
 
 
 def _explicit(stages: Any, cfg: DictConfig) -> list[StageSpec]:

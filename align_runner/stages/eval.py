@@ -1,8 +1,9 @@
 """eval: generate on held-out prompts, score with the configured checkers, and measure held-out loss.
 
 The pipeline runs it on the main stage's input model ("eval_before") and output ("eval_after"); both
-are ordinary cached stages. Metrics are the mean score of each checker (``accuracy``, ``format``, ...)
-and ``heldout_loss``; ``samples.jsonl`` keeps the first generations for the report.
+are ordinary cached stages. Metrics are the mean score of each checker (``accuracy``, ``format``, ...),
+the mean score of the pipeline's reward model when it has a ``reward`` stage (``reward_model``), and
+``heldout_loss``; ``samples.jsonl`` keeps the first generations for the report.
 """
 
 from __future__ import annotations
@@ -16,11 +17,18 @@ from align_runner.algos.rewards import call_reward, mean_score
 from align_runner.algos.sft import sft_loss
 from align_runner.data.collate import collate_sft
 from align_runner.engine.rollout import generate
-from align_runner.registry import register_stage
+from align_runner.registry import Input, register_stage
 from align_runner.stages.context import StageContext
 
 
-@register_stage("eval", trains=False, views=("prompt", "sft"), key_metrics=("accuracy", "format", "heldout_loss"))
+@register_stage(
+    "eval",
+    trains=False,
+    views=("prompt", "sft"),
+    # with a reward stage in the pipeline, its model scores the generations too (metric "reward_model")
+    inputs={"reward_model": Input("reward", required=False, what="the reward model that scores its generations")},
+    key_metrics=("accuracy", "format", "reward_model", "heldout_loss"),
+)
 def run_eval(ctx: StageContext) -> dict[str, float]:
     ev = ctx.section
     tokenizer = ctx.tokenizer()
@@ -47,8 +55,12 @@ def run_eval(ctx: StageContext) -> dict[str, float]:
     scores: dict[str, list[float | None]] = {}
     # checkers are reward functions (TRL's keyword call); prompt_ids lets a reward-model scorer check too
     checker_columns = {**columns, "prompt_ids": [r["prompt_ids"] for r in rows]}
-    for name, checker_cfg in ev.checkers.items():
-        checker = instantiate(checker_cfg)
+    checkers = {name: instantiate(node) for name, node in ev.checkers.items()}
+    if ctx.has_input("reward_model"):
+        from align_runner.models.scorer import RewardModelScorer
+
+        checkers["reward_model"] = RewardModelScorer(ctx.input_dir("reward_model"), device=ctx.backend.device, dtype=ctx.dtype)
+    for name, checker in checkers.items():
         scores[name] = call_reward(
             checker, prompts=prompts, completions=completions, completion_ids=completion_ids, columns=checker_columns
         )
