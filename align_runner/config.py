@@ -338,17 +338,14 @@ class PPOAlgorithmConfig(RolloutAlgorithmConfig):
 
     # passes over each rollout
     ppo_epochs: int = 4
-    # KL penalty per token in the rewards (the initial value when kl_target is set)
-    kl_coef: float = 0.05
-    # per-token KL estimator in the rewards: k1 (log-ratio), k2 or k3 (align_runner.algos.kl)
-    kl_estimator: str = "k1"
-    # adaptive KL: the coefficient moves so the rollout's KL approaches this; null = fixed kl_coef
-    kl_target: Optional[float] = None
-    # completions over which the adaptive coefficient closes its gap to kl_target
-    kl_horizon: float = 10000.0
-    # discount and GAE lambda
-    gamma: float = 1.0
-    lam: float = 0.95
+    # per-token rewards: a _target_ fn(scores, logps, ref_logps, mask, kl_coef=) -> (rewards, kl); its
+    # kl_coef is the first rollout's coefficient, the stage passes each rollout's own
+    kl: Any = None
+    # the KL coefficient's controller: a _target_ fn(coef, kl, n_steps) -> next coef; its target null
+    # keeps the coefficient fixed
+    kl_control: Any = None
+    # advantages and value targets: a _target_ fn(rewards, values, mask) -> (advantages, returns)
+    advantage: Any = None
     # subtracted from the score of a completion that ends without EOS; null = none
     missing_eos_penalty: Optional[float] = None
     # whiten the per-token rewards over the rollout (keeping their mean) before GAE

@@ -108,7 +108,8 @@ def stage_dir(outputs: Path, kind: str) -> Path:
 
 def metrics(stage: Path, drop: tuple[str, ...] = ("time", "tokens_per_s")) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+    # a dropped name drops its group too: "time" also drops the online loop's "time/update" ...
+    return [{k: v for k, v in r.items() if k not in drop and k.split("/")[0] not in drop} for r in rows]
 
 
 def weights(stage: Path) -> dict[str, Any]:

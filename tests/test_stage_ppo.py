@@ -58,7 +58,7 @@ def critic_weights(stage: Path) -> dict[str, torch.Tensor]:
 
 def test_score_rises_on_a_learnable_rule(tmp_path, model_cache):
     out = tmp_path / "out"
-    api.run(ppo_overrides(out, model_cache, "algorithm.rollouts=24", "algorithm.ppo_epochs=4", "algorithm.kl_coef=0.01"))
+    api.run(ppo_overrides(out, model_cache, "algorithm.rollouts=24", "algorithm.ppo_epochs=4", "algorithm.kl.kl_coef=0.01"))
     rows = metrics(stage_dir(out, "ppo"))
     assert [r["step"] for r in rows] == list(range(1, 25))
     first = sum(r["objective/scores"] for r in rows[:4]) / 4
@@ -77,6 +77,10 @@ def test_score_rises_on_a_learnable_rule(tmp_path, model_cache):
     assert r["objective/non_score_reward"] == pytest.approx(-0.01 * r["objective/kl"], abs=1e-6)
     samples = [json.loads(line) for line in (stage_dir(out, "ppo") / "rollouts.jsonl").read_text().splitlines()]
     assert {s["rollout"] for s in samples} == set(range(1, 25)) and "completion" in samples[0]
+    # every rollout's time split: the parts measured inside the rollout add up to at most all of it
+    for r in metrics(stage_dir(out, "ppo"), drop=()):
+        parts = [r[f"time/{k}"] for k in ("generation", "scoring", "reference", "values")]
+        assert min(parts) > 0 and sum(parts) <= r["time/rollout"] and r["time/update"] > 0, r
 
 
 SLOW_PPO = [
@@ -85,8 +89,8 @@ SLOW_PPO = [
     "train.keep_last=1",
     "+algorithm.rewards.even.delay=0.3",
     # an adaptive coefficient (fast enough to move) and whitened rewards must resume exactly too
-    "algorithm.kl_target=0.01",
-    "algorithm.kl_horizon=100",
+    "algorithm.kl_control.target=0.01",
+    "algorithm.kl_control.horizon=100",
     "algorithm.whiten_rewards=true",
 ]
 
@@ -244,9 +248,16 @@ def test_micro_batch_split_gives_the_same_update(tmp_path, model_cache):
         ("algorithm.critic.init=reward", "algorithm.critic.init='reward': expected a reward stage in the pipeline"),
         ("algorithm.prompts_per_rollout=6", "algorithm.prompts_per_rollout=6: expected a multiple of steps_per_rollout"),
         ("algorithm.ppo_epochs=0", "algorithm.ppo_epochs=0: expected an integer >= 1"),
-        ("algorithm.kl_estimator=k4", "algorithm.kl_estimator='k4': expected one of"),
-        ("algorithm.kl_target=0", "algorithm.kl_target=0"),
-        ("algorithm.lam=1.5", "algorithm.lam=1.5: expected a number in \\[0, 1\\]"),
+        ("algorithm.kl.estimator=k4", "algorithm.kl.estimator='k4': expected one of \\['k1', 'k2', 'k3'\\]$"),
+        ("algorithm.kl.kl_coef=-0.1", "algorithm.kl.kl_coef=-0.1: expected >= 0 \\(the first rollout's coefficient\\)$"),
+        ("~algorithm.kl.kl_coef", "algorithm.kl.kl_coef=None: expected >= 0"),
+        ("algorithm.kl_control.target=0", "algorithm.kl_control.target=0: expected > 0, or null for a fixed kl.kl_coef$"),
+        ("algorithm.kl_control.horizon=-5", "algorithm.kl_control.horizon=-5: expected > 0 \\(completions\\)$"),
+        ("algorithm.advantage.lam=1.5", "algorithm.advantage.lam=1.5: expected a number in \\[0, 1\\]$"),
+        ("algorithm.advantage.gamma=-1", "algorithm.advantage.gamma=-1: expected a number in \\[0, 1\\]$"),
+        ("algorithm.advantage=null", "algorithm.advantage=None: expected a _target_ node"),
+        ("algorithm.advantage.lamda=0.9", "algorithm.advantage.lamda: align_runner.algos.ppo.gae has no parameter 'lamda'"),
+        ("algorithm.kl_target=6", "'kl_target' is not a key of algorithm. Valid keys: .*kl_control"),
         ("algorithm.critic.train.lr=0", "algorithm.critic.train.lr=0"),
         ("algorithm.critic.init=value", "critic.init"),
         ("algorithm.ppo_epoch=2", "Did you mean 'ppo_epochs'"),
@@ -267,12 +278,16 @@ def test_kl_coefficient_is_fixed_or_resumes_from_the_stage_dir(tmp_path):
     from align_runner.stages.ppo import KL_COEF_FILE, KLCoefficient
 
     backend = SimpleNamespace(is_main=True, broadcast_object=lambda obj: obj)
-    fixed_cfg = OmegaConf.create({"kl_coef": 0.1, "kl_target": None, "kl_horizon": 100})
+    def ppo_cfg(target):
+        control = {"_target_": "align_runner.algos.ppo.adaptive_kl_coef", "_partial_": True, "target": target, "horizon": 100}
+        return OmegaConf.create({"kl": {"kl_coef": 0.1}, "kl_control": control})
+
+    fixed_cfg = ppo_cfg(None)
     KLCoefficient(fixed_cfg, tmp_path, backend).update(0, kl=3.0, n_steps=16)
     assert KLCoefficient(fixed_cfg, tmp_path, backend).at(7) == 0.1  # a resumed run at rollout 7
     assert not (tmp_path / KL_COEF_FILE).exists()
 
-    cfg = OmegaConf.create({"kl_coef": 0.1, "kl_target": 1.0, "kl_horizon": 100})
+    cfg = ppo_cfg(1.0)
     run = KLCoefficient(cfg, tmp_path, backend)
     # error = kl / target - 1, clipped to [-0.2, 0.2]: 3.0 -> +0.2, 0.9 -> -0.1; factor 1 + error x 16 / 100
     for i, kl in enumerate([3.0, 0.9]):

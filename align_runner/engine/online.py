@@ -11,9 +11,10 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,22 @@ from align_runner.engine.loop import Batch, Engine, FitResult, StepFn, TrainStat
 
 # sample completions of every rollout, one JSON object a line, in the stage's output dir
 ROLLOUTS_FILE = "rollouts.jsonl"
+
+
+@contextlib.contextmanager
+def timed(times: dict[str, float], key: str) -> Iterator[None]:
+    """Adds the wall seconds the block takes to ``times[key]``.
+
+    perf_counter only, no device synchronize: every rollout phase ends by copying its result to the
+    CPU (token ids, scores, log-probs, values) and every ``Engine.train_step`` by reading its loss and
+    gradient norm, and those copies wait for the device's queued work, so each phase's time is its own
+    on CUDA too.
+    """
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[key] = times.get(key, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -53,7 +70,9 @@ def fit_online(
 ) -> FitResult:
     """Run ``rollouts`` rollouts; each is passed over ``epochs`` times (GRPO's mu), every optimizer step
     updating each model of ``updates`` in turn. Logs one row per rollout (its metrics plus the mean of
-    the steps' metrics, the first model's unprefixed and the others' bare names under ``<name>/``)."""
+    the steps' metrics, the first model's unprefixed and the others' bare names under ``<name>/``), and
+    the seconds it spent in ``make_rollout`` (``time/rollout``) and in the optimizer steps of every model
+    (``time/update``), this process's."""
     t = engine.train
     states = [u.state for u in updates]
     start = engine.restore(states, total=rollouts, unit="rollout")
@@ -61,21 +80,13 @@ def fit_online(
     bar = engine.progress(rollouts, start)
     mark = time.perf_counter()
     for i in range(start, rollouts):
-        rollout = make_rollout(i)
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        for _ in range(epochs):
-            for batches in rollout.steps:
-                for n, u in enumerate(updates):
-                    row = engine.train_step(u.state, u.step, batches)
-                    for k, v in (row or {}).items():
-                        # a later model's bare names (the engine's loss, lr, grad_norm) would clash with the
-                        # first's; a name with a group of its own (PPO's val/clipfrac_avg) is kept as is
-                        name = k if n == 0 or "/" in k else f"{u.state.name}/{k}"
-                        sums[name] = sums.get(name, 0.0) + v
-                        counts[name] = counts.get(name, 0) + 1
+        times: dict[str, float] = {}
+        with timed(times, "time/rollout"):
+            rollout = make_rollout(i)
+        with timed(times, "time/update"):
+            step_means = _update(engine, updates, rollout, epochs)
         done = i + 1
-        row = {**rollout.metrics, **{k: v / counts[k] for k, v in sums.items()}}
+        row = {**rollout.metrics, **step_means, **times}
         mark = engine.throughput(row, mark)
         if done % t.log_every == 0 or done == rollouts:
             engine.tracker.log(row, step=done)
@@ -87,6 +98,23 @@ def fit_online(
             engine.ckpt.save(done, states, history=engine.tracker.path)
     bar.close()
     return result
+
+
+def _update(engine: Engine, updates: Sequence[Update], rollout: Rollout, epochs: int) -> dict[str, float]:
+    """Every optimizer step of one rollout, each model in turn; the mean of the steps' metrics."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for _ in range(epochs):
+        for batches in rollout.steps:
+            for n, u in enumerate(updates):
+                row = engine.train_step(u.state, u.step, batches)
+                for k, v in (row or {}).items():
+                    # a later model's bare names (the engine's loss, lr, grad_norm) would clash with the
+                    # first's; a name with a group of its own (PPO's val/clipfrac_avg) is kept as is
+                    name = k if n == 0 or "/" in k else f"{u.state.name}/{k}"
+                    sums[name] = sums.get(name, 0.0) + v
+                    counts[name] = counts.get(name, 0) + 1
+    return {k: v / counts[k] for k, v in sums.items()}
 
 
 def _write_samples(engine: Engine, rollout: int, samples: list[dict[str, Any]], *, first: bool) -> None:

@@ -3,10 +3,11 @@ prompt view.
 
 Each rollout samples one completion for each of ``prompts_per_rollout`` prompts and scores it (the
 pipeline's reward model, read at the completion's last token, plus any reward functions, weighted),
-with ``missing_eos_penalty`` off a completion that never ended. Per-token rewards are the score at the
-last token minus ``kl_coef`` x the KL to the frozen input model (the adapter-disabled policy under
-LoRA); ``kl_target`` makes the coefficient adaptive. GAE over the critic's values gives advantages
-(whitened over the whole rollout, every process's rows) and value targets; the rollout is then split
+with ``missing_eos_penalty`` off a completion that never ended. Per-token rewards (``algorithm.kl``)
+are the score at the last token minus ``kl_coef`` x the KL to the frozen input model (the
+adapter-disabled policy under LoRA); ``algorithm.kl_control.target`` makes the coefficient adaptive.
+``algorithm.advantage`` (GAE) over the critic's values gives advantages (whitened over the whole
+rollout, every process's rows) and value targets; the rollout is then split
 into ``steps_per_rollout`` mini-batches and passed over ``ppo_epochs`` times, each optimizer step
 updating the policy (``algorithm.loss``, a clipped surrogate) and the critic (``algorithm.critic.loss``,
 a clipped value loss), each with its own optimizer and schedule (``algorithm.critic.train``).
@@ -15,7 +16,10 @@ The critic (``models/critic.py``) starts from the reward model (``critic.init=re
 and is saved beside the policy as ``critic/``. Metrics use the names PPO users know: objective/kl,
 objective/entropy, objective/non_score_reward, objective/rlhf_reward, objective/scores, val/num_eos_tokens
 per rollout (over every process); policy/approxkl_avg, policy/clipfrac_avg, loss/policy_avg, val/ratio,
-loss/value_avg, val/clipfrac_avg per optimizer step.
+loss/value_avg, val/clipfrac_avg per optimizer step. Each rollout row also has the main process's time
+split in seconds: time/generation, time/scoring (reward model and functions), time/reference (the
+reference's log-probs), time/values (the old log-probs and the critic's values), and fit_online's
+time/rollout (all of those and the rest of the rollout) and time/update (both models' optimizer steps).
 """
 
 from __future__ import annotations
@@ -25,22 +29,14 @@ from functools import partial
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from align_runner.algos.kl import KL_ESTIMATORS
 from align_runner.algos.logprobs import masked_sum
-from align_runner.algos.ppo import (
-    adaptive_kl_coef,
-    gae,
-    masked_moments,
-    missing_eos_penalty,
-    rollout_stats,
-    token_rewards,
-    whiten,
-)
+from align_runner.algos.ppo import masked_moments, missing_eos_penalty, rollout_stats, whiten
 from align_runner.config import stage_train
 from align_runner.data.collate import collate_completions
-from align_runner.engine.online import Rollout, Update, fit_online
+from align_runner.engine.online import Rollout, Update, fit_online, timed
 from align_runner.engine.rollout import row_seed
 from align_runner.fsutil import atomic_write_json
 from align_runner.models.critic import completion_values, load_critic
@@ -99,16 +95,26 @@ def critic_train(cfg, section):
 
 
 def check_ppo(cfg, spec) -> None:
-    """Compose-time check: sizes, KL and GAE settings, something to score with, a critic to start from."""
+    """Compose-time check: sizes, KL and GAE settings, something to score with, a critic to start from.
+    The keys of ``kl``, ``kl_control`` and ``advantage`` are checked where present (another ``_target_``
+    may have other parameters); ``kl.kl_coef`` must be, it is the first rollout's coefficient."""
     a, where = OmegaConf.select(cfg, spec.config), spec.config
     check_rollout_sizes(a, cfg, where, ("rollouts", "steps_per_rollout", "ppo_epochs", "prompts_per_rollout"))
     check_scorers(a, spec, where)
-    require(a.kl_coef >= 0, f"{where}.kl_coef", ">= 0", a.kl_coef)
-    require(a.kl_estimator in KL_ESTIMATORS, f"{where}.kl_estimator", f"one of {sorted(KL_ESTIMATORS)}", a.kl_estimator)
-    require(a.kl_target is None or a.kl_target > 0, f"{where}.kl_target", "> 0, or null for a fixed kl_coef", a.kl_target)
-    require(a.kl_horizon > 0, f"{where}.kl_horizon", "> 0 (completions)", a.kl_horizon)
+    for key in ("kl", "kl_control", "advantage"):
+        node = a.get(key)
+        require(isinstance(node, DictConfig) and "_target_" in node, f"{where}.{key}", "a _target_ node (see algorithm/ppo.yaml)", node)
+    kl, control, advantage = a.kl, a.kl_control, a.advantage
+    coef = kl.get("kl_coef")
+    require(coef is not None and coef >= 0, f"{where}.kl.kl_coef", ">= 0 (the first rollout's coefficient)", coef)
+    estimator = kl.get("estimator", "k1")
+    require(estimator in KL_ESTIMATORS, f"{where}.kl.estimator", f"one of {sorted(KL_ESTIMATORS)}", estimator)
+    target, horizon = control.get("target"), control.get("horizon", 1)
+    require(target is None or target > 0, f"{where}.kl_control.target", "> 0, or null for a fixed kl.kl_coef", target)
+    require(horizon is not None and horizon > 0, f"{where}.kl_control.horizon", "> 0 (completions)", horizon)
     for key in ("gamma", "lam"):
-        require(0 <= a[key] <= 1, f"{where}.{key}", "a number in [0, 1]", a[key])
+        value = advantage.get(key, 0)
+        require(value is not None and 0 <= value <= 1, f"{where}.advantage.{key}", "a number in [0, 1]", value)
     penalty = a.missing_eos_penalty
     require(penalty is None or penalty >= 0, f"{where}.missing_eos_penalty", ">= 0, or null for none", penalty)
     has_rm = any(role == "reward_model" for role, _ in spec.inputs)
@@ -175,7 +181,8 @@ def save_critic(ctx: StageContext, model, tokenizer) -> None:
 
 
 class KLCoefficient:
-    """The KL coefficient of each rollout: ``kl_coef``, or Ziegler et al.'s adaptive controller.
+    """The KL coefficient of each rollout: ``kl.kl_coef``, moved by ``kl_control`` (Ziegler et al.'s
+    adaptive controller) unless its ``target`` is null.
 
     The adaptive value depends on every earlier rollout's KL, which no checkpoint holds; the main process
     writes each rollout's coefficient to ``kl_coef.json`` as it is computed (before the rollout's
@@ -184,12 +191,13 @@ class KLCoefficient:
     """
 
     def __init__(self, a, out_dir, backend):
-        self.target = None if a.kl_target is None else float(a.kl_target)
-        self.horizon, self.path, self.backend = float(a.kl_horizon), out_dir / KL_COEF_FILE, backend
-        self.values: dict[int, float] = {0: float(a.kl_coef)}
+        self.control = instantiate(a.kl_control)
+        self.adaptive = a.kl_control.get("target") is not None
+        self.path, self.backend = out_dir / KL_COEF_FILE, backend
+        self.values: dict[int, float] = {0: float(a.kl.kl_coef)}
 
     def at(self, i: int) -> float:
-        if self.target is None:
+        if not self.adaptive:
             return self.values[0]
         if i not in self.values:  # a resumed run: rollout i's value was written by the interrupted one
             read = {int(k): v for k, v in json.loads(self.path.read_text()).items()} if self.backend.is_main else None
@@ -201,8 +209,8 @@ class KLCoefficient:
 
     def update(self, i: int, kl: float, n_steps: int) -> None:
         """Set rollout i + 1's coefficient from rollout i's measured KL."""
-        self.values[i + 1] = adaptive_kl_coef(self.values[i], kl, n_steps, target=self.target, horizon=self.horizon)
-        if self.target is not None and self.backend.is_main:
+        self.values[i + 1] = float(self.control(self.values[i], kl, n_steps))
+        if self.adaptive and self.backend.is_main:
             atomic_write_json(self.path, {str(k): v for k, v in sorted(self.values.items())})
 
 
@@ -219,6 +227,7 @@ class PPORollout:
             raise ValueError("the prompt view's train split is empty; PPO has nothing to sample from")
         self.generator = make_generator(a.generation, ctx.backend.unwrap(policy.model), tokenizer)
         self.aggregation = instantiate(a.aggregation)
+        self.token_rewards, self.advantage = instantiate(a.kl), instantiate(a.advantage)
         self.kl = KLCoefficient(a, ctx.out_dir, ctx.backend)
 
     def __call__(self, i: int) -> Rollout:
@@ -229,11 +238,13 @@ class PPORollout:
         rows = [self.prompts[idx] for _, idx in local]
         positions = [j for j, _ in local]
         seeds = [row_seed(seed, i, j) for j in positions]
-        completions = sample(self.generator, self.policy.model, [r["prompt_ids"] for r in rows], seeds, backend)
+        times: dict[str, float] = {}
+        with timed(times, "time/generation"):
+            completions = sample(self.generator, self.policy.model, [r["prompt_ids"] for r in rows], seeds, backend)
         ids = [c.ids for c in completions]
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-        raw = score(self.rewards, a.reward_weights, rows, texts, ids)
+        with timed(times, "time/scoring"):
+            texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            raw = score(self.rewards, a.reward_weights, rows, texts, ids)
         total = torch.nan_to_num(raw.total.float(), nan=0.0)  # a row no function applied to scores 0
         has_eos = torch.tensor([not c.truncated for c in completions])
         scores = missing_eos_penalty(total, has_eos, a.missing_eos_penalty)
@@ -242,7 +253,7 @@ class PPORollout:
 
         examples = [{"prompt_ids": r["prompt_ids"], "completion_ids": c, "score": float(s)} for r, c, s in zip(rows, ids, scores)]
         per_step = len(examples) // self.S
-        steps = [self._batches(examples[k * per_step : (k + 1) * per_step]) for k in range(self.S)]
+        steps = [self._batches(examples[k * per_step : (k + 1) * per_step], times) for k in range(self.S)]
         batches = [b for step in steps for b in step]
         kl = self._advantages(batches, kl_coef)
         logps = torch.cat([masked_sum(b["old_logps"], b["completion_mask"], dim=-1) for b in batches])
@@ -251,7 +262,7 @@ class PPORollout:
             "score": scores, "reward": total, **{f"rewards/{n}/mean": v for n, v in raw.per_function.items()},
             "eos": has_eos.float(), "length": lengths, "kl": kl, "logps": logps,
         }
-        metrics = self._metrics(columns, positions, kl_coef)
+        metrics = {**self._metrics(columns, positions, kl_coef), **times}
         self.kl.update(i, metrics["objective/kl"], n_steps=P)
         samples = [
             {"prompt": r.get("prompt_text", ""), "completion": t, "reward": float(s)}
@@ -278,16 +289,20 @@ class PPORollout:
             "completions/clipped_ratio": float(1 - full["eos"].mean()),
         }
 
-    def _batches(self, examples: list[dict]) -> list[dict]:
-        """Collated micro-batches with the rollout's log-probs (policy, reference) and values."""
+    def _batches(self, examples: list[dict], times: dict[str, float]) -> list[dict]:
+        """Collated micro-batches with the rollout's log-probs (policy, reference) and values; the passes'
+        seconds are added to ``times``."""
         mb = int(self.ctx.train.micro_batch_size)
         context = {"max_completion_length": int(self.a.generation.max_new_tokens)}
         batches = []
         for start in range(0, len(examples), mb):
             batch = collate_completions(examples[start : start + mb], pad_id=self.tokenizer.pad_token_id)
-            batch["old_logps"] = completion_logps(self.policy.model, batch, self.backend)
-            batch["ref_logps"] = reference_logps(self.reference, self.policy.model, batch, self.backend)
-            batch["old_values"] = old_values(self.critic.model, batch, self.backend)
+            with timed(times, "time/values"):
+                batch["old_logps"] = completion_logps(self.policy.model, batch, self.backend)
+            with timed(times, "time/reference"):
+                batch["ref_logps"] = reference_logps(self.reference, self.policy.model, batch, self.backend)
+            with timed(times, "time/values"):
+                batch["old_values"] = old_values(self.critic.model, batch, self.backend)
             batch["weights"], batch["num_items"] = self.aggregation(batch["completion_mask"], **context)
             batches.append(batch)
         return batches
@@ -299,16 +314,12 @@ class PPORollout:
         kl_sums = []
         for b in batches:
             mask = b["completion_mask"]
-            b["rewards"], kl = token_rewards(
-                b.pop("score"), b["old_logps"], b.pop("ref_logps"), mask, kl_coef=kl_coef, estimator=str(a.kl_estimator)
-            )
+            b["rewards"], kl = self.token_rewards(b.pop("score"), b["old_logps"], b.pop("ref_logps"), mask, kl_coef=kl_coef)
             kl_sums.append(masked_sum(kl, mask, dim=-1))
         if a.whiten_rewards:
             self._whiten(batches, "rewards", shift_mean=False)
         for b in batches:
-            b["advantages"], b["returns"] = gae(
-                b.pop("rewards"), b["old_values"], b["completion_mask"], gamma=float(a.gamma), lam=float(a.lam)
-            )
+            b["advantages"], b["returns"] = self.advantage(b.pop("rewards"), b["old_values"], b["completion_mask"])
         if a.whiten_advantages:
             self._whiten(batches, "advantages", shift_mean=True)
         return torch.cat(kl_sums)
