@@ -52,6 +52,8 @@ PHASES = ("generation", "scoring", "reference", "values", "update")
 NO_TRL = "TRL 1.x has no PPO trainer (PPOTrainer was removed from TRL), so there is no TRL side to compare with."
 # the engine overhead the issue asks for at most
 OVERHEAD_GOAL_PCT = 5.0
+# slowest / fastest above this: the machine was busy (as run.py flags it)
+NOISY = 1.2
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -258,14 +260,19 @@ def spawn(spec: dict, role: str, workdir: Path, threads: int) -> dict:
 
 def split(rollouts: list[dict]) -> dict:
     """Medians over rollouts of each phase's seconds, and each phase's share of a rollout's total
-    (time/rollout + time/update; 'other' is the rollout's remainder: collation, GAE, whitening, metrics)."""
+    (time/rollout + time/update; 'other' is the rollout's remainder: collation, GAE, whitening, metrics).
+    The first rollout is left out when there are more: it also pays one-time costs (the optimizers'
+    state is allocated on the first step). ``spread``: slowest / fastest total among those counted."""
     for r in rollouts:
         r["other"] = r["rollout_s"] - sum(r[k] for k in PHASES if k != "update")
         r["total"] = r["rollout_s"] + r["update"]
+    counted = rollouts[1:] or rollouts
     keys = (*PHASES, "other", "total")
-    median = {k: statistics.median(r[k] for r in rollouts) for k in keys}
-    share = {k: statistics.median(r[k] / r["total"] for r in rollouts) for k in keys if k != "total"}
-    return {"median_s": median, "median_share": share}
+    median = {k: statistics.median(r[k] for r in counted) for k in keys}
+    share = {k: statistics.median(r[k] / r["total"] for r in counted) for k in keys if k != "total"}
+    totals = [r["total"] for r in counted]
+    return {"rollouts": [r["rollout"] for r in counted], "median_s": median, "median_share": share,
+            "spread": max(totals) / min(totals)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -320,7 +327,7 @@ def markdown(res: dict) -> str:
         "",
         f"`{res['command']}` — {m['date']}, {res['total_seconds']:.0f} s in all. {res['trl']}",
         "",
-        f"## Time split per rollout (medians over {len(res['rollouts'])} rollouts)",
+        f"## Time split per rollout (medians over rollouts {', '.join(map(str, sp['rollouts']))})",
         "",
         "| phase | seconds | share |",
         "|---|---:|---:|",
@@ -338,6 +345,15 @@ def markdown(res: dict) -> str:
             + f" | {r['mean_completion_length']:.1f} |"
             for r in res["rollouts"]
         ],
+        *(
+            [
+                "",
+                f"**Noisy**: the slowest counted rollout took {sp['spread']:.2f}x the fastest: other jobs on the "
+                "CPUs (see the load averages); prefer the per-rollout rows of the fastest rollouts.",
+            ]
+            if sp["spread"] > NOISY
+            else []
+        ),
         "",
         "## Engine overhead",
         "",
@@ -352,7 +368,13 @@ def markdown(res: dict) -> str:
             for i, (a, b, p) in enumerate(zip(o["engine_s"], o["bare_s"], o["pairs_pct"]))
         ],
         "",
-        f"Median overhead: **{o['median_pct']:+.2f}%** (goal <= {o['goal_pct']:.0f}%).",
+        f"Median overhead: **{o['median_pct']:+.2f}%** (goal <= {o['goal_pct']:.0f}%)."
+        + (
+            f" **Noisy**: the bare loop's runs differ by {max(o['bare_s']) / min(o['bare_s']):.2f}x, more than "
+            "the overhead measured; the pairs' spread is the machine's, not the engine's."
+            if max(o["bare_s"]) / min(o["bare_s"]) > NOISY
+            else ""
+        ),
         "",
         f"Model: Llama, {mo['num_hidden_layers']} layers, hidden {mo['hidden_size']}, vocab {mo['vocab_size']}, "
         f"{mo['parameters'] / 1e6:.1f}M parameters, {mo['dtype']}, {mo['init']}; tokenizer: {mo['tokenizer']}. "
