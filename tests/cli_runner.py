@@ -145,6 +145,28 @@ def wait_for_checkpoint(outputs: Path, proc: subprocess.Popen, timeout: float = 
     raise AssertionError("no checkpoint appeared in time")
 
 
+def kill_and_resume(overrides: list[str], outputs: Path, kind: str, rollouts: int, *, cwd: Path) -> Path:
+    """SIGKILL an online-RL run at its first checkpoint, rerun it, and check the rerun resumed from that
+    checkpoint (not from scratch); returns the stage dir, to compare with an uninterrupted run."""
+    import signal
+
+    from align_runner.pipeline.store import DONE
+
+    proc = start_cli(overrides, cwd=cwd, log=cwd / "killed.log")
+    try:
+        wait_for_checkpoint(outputs, proc, kind=kind)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    stage = stage_dir(outputs, kind)
+    last = complete_checkpoints(stage)[-1]
+    assert not (stage / DONE).exists() and last < rollouts
+    rerun = run_cli(overrides, cwd=cwd)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{kind}: resumed from rollout {last}/{rollouts}" in rerun.stdout + rerun.stderr
+    return stage
+
+
 def rank_failing_loss(logits, labels, *, num_items=None, rank: int = 1):
     """``sft_loss`` that raises on one rank only: the others are then blocked in a collective."""
     from align_runner.algos.sft import sft_loss

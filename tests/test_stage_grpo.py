@@ -9,12 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runner import (
-    complete_checkpoints,
+    kill_and_resume,
     metrics,
-    run_cli,
     stage_dir,
-    start_cli,
-    wait_for_checkpoint,
     weights,
 )
 from safetensors.torch import load_file
@@ -22,7 +19,7 @@ from safetensors.torch import load_file
 from align_runner import api
 from align_runner.pipeline.graph import build_graph
 from align_runner.pipeline.runner import input_stages, plan
-from align_runner.pipeline.store import DONE, StageStore
+from align_runner.pipeline.store import StageStore
 from align_runner.validate import ConfigError, check_override_keys
 
 
@@ -79,23 +76,8 @@ SLOW_GRPO = [
 
 
 def test_sigkill_mid_grpo_resumes_bitwise(tmp_path, model_cache):
-    import signal
-
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    overrides = grpo_overrides(killed, model_cache, *SLOW_GRPO)
-    proc = start_cli(overrides, cwd=tmp_path, log=tmp_path / "killed.log")
-    try:
-        wait_for_checkpoint(killed, proc, kind="grpo")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    stage = stage_dir(killed, "grpo")
-    last = complete_checkpoints(stage)[-1]
-    assert not (stage / DONE).exists() and last < 8
-    rerun = run_cli(overrides, cwd=tmp_path)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"grpo: resumed from rollout {last}/8" in rerun.stdout + rerun.stderr
-
+    stage = kill_and_resume(grpo_overrides(killed, model_cache, *SLOW_GRPO), killed, "grpo", 8, cwd=tmp_path)
     api.run(grpo_overrides(clean, model_cache, *SLOW_GRPO))
     a, b = weights(stage), weights(stage_dir(clean, "grpo"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -10,12 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runner import (
-    complete_checkpoints,
+    kill_and_resume,
     metrics,
-    run_cli,
     stage_dir,
-    start_cli,
-    wait_for_checkpoint,
     weights,
 )
 from safetensors.torch import load_file
@@ -24,7 +21,7 @@ from align_runner import api
 from align_runner.algos.ppo import adaptive_kl_coef
 from align_runner.pipeline.graph import build_graph
 from align_runner.pipeline.runner import input_stages, plan
-from align_runner.pipeline.store import DONE, StageStore
+from align_runner.pipeline.store import StageStore
 from align_runner.validate import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,6 +86,7 @@ SLOW_PPO = [
     "train.keep_last=1",
     "+algorithm.rewards.even.delay=0.3",
     # an adaptive coefficient (fast enough to move) and whitened rewards must resume exactly too
+    "algorithm.kl.kl_coef=0.05",
     "algorithm.kl_control.target=0.01",
     "algorithm.kl_control.horizon=100",
     "algorithm.whiten_rewards=true",
@@ -96,23 +94,8 @@ SLOW_PPO = [
 
 
 def test_sigkill_mid_ppo_resumes_policy_and_critic_bitwise(tmp_path, model_cache):
-    import signal
-
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    overrides = ppo_overrides(killed, model_cache, *SLOW_PPO)
-    proc = start_cli(overrides, cwd=tmp_path, log=tmp_path / "killed.log")
-    try:
-        wait_for_checkpoint(killed, proc, kind="ppo")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    stage = stage_dir(killed, "ppo")
-    last = complete_checkpoints(stage)[-1]
-    assert not (stage / DONE).exists() and last < 8
-    rerun = run_cli(overrides, cwd=tmp_path)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"ppo: resumed from rollout {last}/8" in rerun.stdout + rerun.stderr
-
+    stage = kill_and_resume(ppo_overrides(killed, model_cache, *SLOW_PPO), killed, "ppo", 8, cwd=tmp_path)
     api.run(ppo_overrides(clean, model_cache, *SLOW_PPO))
     ref = stage_dir(clean, "ppo")
     for load in (weights, critic_weights):
