@@ -186,9 +186,9 @@ def test_peft_config_trains_a_lora_adapter(tiny_dir):
 @pytest.mark.parametrize(
     "kwargs, named",
     [
-        ({"use_liger_kernel": True}, "'use_liger_kernel' is not supported"),
+        ({"neftune_noise_alpha": 5.0}, "'neftune_noise_alpha' is not supported"),
         ({"learing_rate": 1e-3}, "Did you mean 'learning_rate'"),
-        ({"packing": True}, "packing=True is not supported; align_runner accepts only False"),
+        ({"push_to_hub": True}, "push_to_hub=True is not supported; align_runner accepts only False"),
         ({"lr_scheduler_type": "polynomial"}, "lr_scheduler_type='polynomial': expected one of"),
     ],
 )
@@ -197,6 +197,14 @@ def test_unsupported_config_fields_are_named(kwargs, named):
 
     with pytest.raises(ConfigError, match=re.escape(named)):
         SFTConfig(**kwargs)
+
+
+def test_speed_fields_map_onto_the_engine_keys():
+    from align_runner.trl.overrides import build
+
+    values = {"packing": True, "torch_compile": True, "activation_offloading": True}
+    out = build("sft", values, model="m", train={"path": "d.jsonl"})
+    assert {"algorithm.train.packing=true", "model.compile=true", "algorithm.train.offload_activations=true"} <= set(out)
 
 
 def test_unsupported_arguments_fail_in_the_constructor_before_any_model_loads(tiny_dir, monkeypatch):
@@ -215,8 +223,8 @@ def test_unsupported_arguments_fail_in_the_constructor_before_any_model_loads(ti
     with pytest.raises(ConfigError, match="a lambda or a nested function"):
         GRPOTrainer(model=tiny_dir, reward_funcs=lambda completions, **_: [0.0] * len(completions),
                     train_dataset=[{"prompt": "1+1="}])
-    args.packing = True  # set after construction: checked by the trainer
-    with pytest.raises(ConfigError, match="packing=True is not supported"):
+    args.push_to_hub = True  # set after construction: checked by the trainer
+    with pytest.raises(ConfigError, match="push_to_hub=True is not supported"):
         SFTTrainer(model=tiny_dir, args=args, train_dataset=capybara())
 
 

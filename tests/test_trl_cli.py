@@ -71,9 +71,9 @@ def test_unknown_flags_and_recipe_keys_are_named_with_exit_code_2(tmp_path, caps
     err = capsys.readouterr().err
     assert "unknown flag(s) --learnin_rate" in err and "Did you mean --learning_rate?" in err and len(err.splitlines()) == 1
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("use_liger_kernel: true\n")
+    recipe.write_text("neftune_noise_alpha: 5\n")
     assert cli.main(["sft", "--config", str(recipe)]) == 2
-    assert "--config: use_liger_kernel is not supported" in capsys.readouterr().err
+    assert "--config: neftune_noise_alpha is not supported" in capsys.readouterr().err
     assert cli.main(["dpo", "--model_name_or_path", "org/m", "--dataset_name", "org/d", "--loss_type", "kto"]) == 2
     assert "loss_type=['kto']: expected one of sigmoid" in capsys.readouterr().err
 
