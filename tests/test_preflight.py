@@ -81,6 +81,10 @@ def test_model_shape_of_the_tiny_model_by_hand_and_lora_count_matches_peft(model
         peft_model = apply_lora(load_causal_lm(build_tiny(model_cache)), lora)
     real = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert lora_trainable(shape.linears, r=16, target_modules=["q_proj", "v_proj"], use_dora=True) == real
+    # target_modules null (TRL's lora_target_modules=None) is peft's default for Llama: q_proj and v_proj
+    assert shape.model_type == "llama"
+    default = lora_trainable(shape.linears, r=16, target_modules=None, use_dora=True, model_type=shape.model_type)
+    assert default == real
 
 
 def test_dry_run_prints_the_plan_and_loads_no_weights(tiny, monkeypatch, capsys):

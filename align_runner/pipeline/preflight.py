@@ -54,6 +54,8 @@ class ModelShape:
     vocab_size: int | None = None
     # (module name, in_features, out_features) of every nn.Linear, for counting LoRA parameters
     linears: list[tuple[str, int, int]] = field(default_factory=list)
+    # config.model_type: peft's default LoRA targets depend on it
+    model_type: str | None = None
 
 
 @dataclass
@@ -72,9 +74,16 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + (self.activations or 0.0)
 
 
-def lora_trainable(linears: list[tuple[str, int, int]], *, r: int, target_modules: Any, use_dora: bool) -> int:
+def lora_trainable(
+    linears: list[tuple[str, int, int]], *, r: int, target_modules: Any, use_dora: bool, model_type: str | None = None
+) -> int:
     """Adapter parameters: r*(in+out) per targeted Linear (A: r x in, B: out x r), plus the DoRA
-    magnitude (out). "all-linear" targets every Linear but the output head; names match by suffix."""
+    magnitude (out). "all-linear" targets every Linear but the output head; names match by suffix;
+    None is peft's default for ``model_type`` (e.g. q_proj, v_proj for Llama)."""
+    if target_modules is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        target_modules = DEFAULTS.get(model_type or "", [])
     total = 0
     for name, fan_in, fan_out in linears:
         if isinstance(target_modules, str) and target_modules == "all-linear":
@@ -173,6 +182,7 @@ def model_shape(cfg: DictConfig) -> ModelShape | None:
         num_layers=getattr(text, "num_hidden_layers", None),
         vocab_size=getattr(text, "vocab_size", None),
         linears=linears,
+        model_type=getattr(config, "model_type", None),
     )
 
 
@@ -186,7 +196,8 @@ def stage_estimate(cfg: DictConfig, shape: ModelShape, train: Any) -> MemoryEsti
     precision = effective_precision(hw)
     trainable = total = shape.num_params
     if m.lora is not None:  # the base stays frozen; the adapters come on top
-        trainable = lora_trainable(shape.linears, r=int(m.lora.r), target_modules=m.lora.target_modules, use_dora=bool(m.lora.use_dora))
+        trainable = lora_trainable(shape.linears, r=int(m.lora.r), target_modules=m.lora.target_modules,
+                                   use_dora=bool(m.lora.use_dora), model_type=shape.model_type)
         total = shape.num_params + trainable
     acts = None
     if shape.hidden_size and shape.num_layers and shape.vocab_size:
