@@ -122,3 +122,28 @@ def test_a_stage_reading_a_view_the_data_lacks_fails_at_compose_time():
 
     with pytest.raises(PipelineConfigError, match=r"stage '(ref_logps|dpo)' reads data.preference, which data=demo does not define"):
         compose(["algorithm=dpo", "data.preference=null"])
+
+
+def test_new_data_for_one_view_recomputes_only_the_stages_that_read_it(tiny, tmp_path, count_optimizer_steps):
+    from align_runner.data.demo import DEMO_DIR
+
+    dpo = [*tiny, "algorithm=dpo", "pipeline.eval=false"]
+    first = run(dpo)
+    fewer = tmp_path / "preference-train.jsonl"
+    fewer.write_text("".join((DEMO_DIR / "preference-train.jsonl").read_text().splitlines(keepends=True)[:40]))
+    count_optimizer_steps["n"] = 0
+    second = run([*dpo, f"data.preference.train.path={fewer}"])
+    # data_prep builds every view, so it reruns; SFT reads only the sft view and stays cached
+    assert _hits(second) == {"data_prep": False, "sft": True, "ref_logps": False, "dpo": False}
+    assert second.stage("sft").key == first.stage("sft").key
+    assert second.stage("dpo").key != first.stage("dpo").key
+    assert count_optimizer_steps["n"] == 4  # the DPO stage's steps only
+
+
+def test_a_stage_reading_a_view_its_kind_does_not_declare_is_refused(tmp_path):
+    from align_runner.stages.context import StageContext, StageSpec
+
+    ctx = StageContext(cfg=None, spec=StageSpec("sft", "sft", config="algorithm"), key="k", out_dir=tmp_path, backend=None,
+                       inputs={"data": tmp_path}, base_model="m", run_name="r", params={})
+    with pytest.raises(RuntimeError, match="stage kind 'sft' reads view 'preference' but declares only \\('sft',\\)"):
+        ctx.dataset("preference")

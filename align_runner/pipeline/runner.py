@@ -90,18 +90,31 @@ def plan(cfg: DictConfig, store: StageStore) -> list[PlannedStage]:
     planned: list[PlannedStage] = []
     for spec in specs:
         upstream = {role: keys[name] for role, name in input_stages(spec).items()}
+        if "data" in upstream:
+            upstream["data"] = _data_key(cfg, specs[0], [v for v in views if v in get_stage(spec.kind).views])
         config = stage_config(cfg, spec, views)
-        key = stage_key(
-            kind=spec.kind,
-            config=config,
-            upstream=upstream,
-            data_fingerprint=data_fingerprint(cfg, views) if spec.kind == "data_prep" else None,
-            seed=int(cfg.seed),
-        )
+        key = _key(cfg, spec, config, upstream, views)
         keys[spec.name] = key
         forced = spec.name in force or spec.kind in force
         planned.append(PlannedStage(spec, key, config, upstream, store.is_done(spec.kind, key) and not forced, forced))
     return planned
+
+
+def _key(cfg: DictConfig, spec: StageSpec, config: dict[str, Any], upstream: dict[str, str], views: list[str]) -> str:
+    return stage_key(
+        kind=spec.kind,
+        config=config,
+        upstream=upstream,
+        data_fingerprint=data_fingerprint(cfg, views) if spec.kind == "data_prep" else None,
+        seed=int(cfg.seed),
+    )
+
+
+def _data_key(cfg: DictConfig, data_prep: StageSpec, views: list[str]) -> str:
+    """What a stage's data enters its key as: the key of a data_prep that builds only the views the
+    stage reads. So a stage is not recomputed when a view it never reads changes (new preference data
+    leaves the SFT stage cached), while data_prep itself, which builds every view, is."""
+    return _key(cfg, data_prep, stage_config(cfg, data_prep, views), {}, views)
 
 
 def input_stages(spec: StageSpec) -> dict[str, str]:

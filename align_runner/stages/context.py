@@ -148,7 +148,17 @@ class StageContext:
         """Rows prepared by data_prep for ``view`` ("sft", "preference", "prompt") and split."""
         from align_runner.stages.data_prep import load_prepared
 
-        return load_prepared(self.input_dir("data"), view, split)
+        return load_prepared(self._data_dir(view), view, split)
+
+    def _data_dir(self, view: str) -> Path:
+        # a stage's key covers only the views its kind declares (runner._data_key): reading another
+        # would let a stale cached result survive a change to that view's data
+        from align_runner.registry import get_stage
+
+        declared = get_stage(self.spec.kind).views
+        if view not in declared:
+            raise RuntimeError(f"stage kind {self.spec.kind!r} reads view {view!r} but declares only {declared} (register_stage views=)")
+        return self.input_dir("data")
 
     def splits(self, view: str) -> tuple[list[dict], list[dict] | None]:
         """(train rows, held-out rows or None when the data config has no eval split) of ``view``."""
@@ -157,7 +167,7 @@ class StageContext:
     def has_dataset(self, view: str, split: str = "train") -> bool:
         from align_runner.stages.data_prep import prepared_path
 
-        return prepared_path(self.input_dir("data"), view, split).exists()
+        return prepared_path(self._data_dir(view), view, split).exists()
 
     # -------------------------------------------------------------------------------------- engine
     @cached_property
