@@ -109,11 +109,14 @@ def _warn_shadowed(overrides: Sequence[str], cfg: DictConfig) -> None:
 
 
 def run(overrides: Sequence[str] = (), *, run_dir: str | Path | None = None, config_dirs: ConfigDirs = ()):
-    """Compose (``config_dirs`` as in ``compose``) and run; returns
-    ``align_runner.pipeline.runner.RunResult``."""
+    """Compose (``config_dirs`` as in ``compose``), check the data and run; returns
+    ``align_runner.pipeline.runner.RunResult``. Bad data raises ``align_runner.data.errors.DataError``
+    (one line per problem) before any model loads."""
+    from align_runner.pipeline.datacheck import check_data
     from align_runner.pipeline.runner import run_pipeline
 
     cfg = compose(overrides, config_dirs=config_dirs)
+    check_data(cfg)
     if run_dir is None:
         stamp = time.strftime("%Y-%m-%d/%H-%M-%S") + f"-{time.time_ns() % 1_000_000:06d}"
         run_dir = Path(cfg.paths.outputs) / stamp

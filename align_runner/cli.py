@@ -26,7 +26,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -47,6 +47,8 @@ from align_runner.validate import (
 log = logging.getLogger("align_runner")
 
 FAILURE_DIR_ENV = "ALIGN_RUNNER_FAILURE_DIR"
+# ALIGN_RUNNER_DEBUG=1 (or hydra.verbose=true) adds the traceback to a config or data error's one line
+DEBUG_ENV = "ALIGN_RUNNER_DEBUG"
 _INFO_FLAGS = ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help", "--resolve", "-p", "--package")
 
 
@@ -145,7 +147,8 @@ def _report_failures(folder: Path, rc: int) -> int:
         print(f"align_runner: torchrun exited with code {rc}", file=sys.stderr)
         return rc
     first = reports[0]
-    print(first["traceback"], file=sys.stderr, end="")
+    if first["exitcode"] != 2:  # exit 2, bad config or data: the rank printed its one-line errors already
+        print(first["traceback"], file=sys.stderr, end="")
     print(f"align_runner: rank {first['rank']} failed (exit code {first['exitcode']}): {first['error']}", file=sys.stderr)
     return int(first["exitcode"]) or rc
 
@@ -263,26 +266,43 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def _task(cfg: DictConfig) -> float | None:
+    from align_runner.data.errors import DataError
+    from align_runner.pipeline.datacheck import check_data
     from align_runner.pipeline.runner import run_pipeline
     from align_runner.pipeline.summary import print_summary
 
     try:
         validate(cfg)
         _check_world_size(cfg)
+        check_data(cfg)  # every row of the data, before any model or tokenizer loads
+    except DataError as e:
+        _input_error("data", e)
     except (ConfigError, KeyError, ValueError) as e:
-        _record_failure(e, exitcode=2)
-        print(f"align_runner: config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _input_error("config", e)
     run_dir = HydraConfig.get().runtime.output_dir
     if cfg.pipeline.dry_run:
         from align_runner.pipeline.preflight import print_plan
 
         print_plan(cfg)
         return None
-    result = run_pipeline(cfg, run_dir)
+    try:
+        result = run_pipeline(cfg, run_dir)
+    except DataError as e:  # found by data_prep: a split emptied by filtering, a hub dataset read only there
+        _input_error("data", e)
     if int(os.environ.get("RANK", 0)) == 0:
         print_summary(cfg, result)
     return result.objective
+
+
+def _input_error(what: str, e: Exception) -> NoReturn:
+    """Exit 2 with ``align_runner: <what> error: <line>`` per line of ``e`` (the traceback first only
+    with ALIGN_RUNNER_DEBUG=1 or hydra.verbose): bad input needs the place to fix, not our stack."""
+    _record_failure(e, exitcode=2)
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0") or HydraConfig.get().verbose:
+        traceback.print_exception(e)
+    for line in str(e).splitlines() or [""]:
+        print(f"align_runner: {what} error: {line}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _check_world_size(cfg: DictConfig) -> None:

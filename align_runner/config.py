@@ -157,6 +157,10 @@ class DataConfig:
     assistant_only_loss: bool = True
     # jinja template used when the tokenizer has none
     chat_template: Optional[str] = None
+    # data_prep fails (naming the split, the counts and the main cause) when a split loses more than
+    # this share of its rows to filtering (too long, nothing to train on, identical pairs); an emptied
+    # split always fails. 1.0 allows any loss short of emptying it
+    max_dropped_share: float = 0.5
 
 
 # -------------------------------------------------------------------------------------------- train

@@ -81,6 +81,11 @@ def write_report(run_dir: str | Path) -> Path:
         from align_runner.pipeline.summary import data_counts
 
         parts += ["## Data", "\n".join(f"- {line}" for line in data_counts(prep["metrics"]))]
+        reasons = sorted({k.rsplit("/", 1)[1] for k in prep["metrics"] if k.count("/") == 3})
+        if reasons:  # what each drop / truncation reason means
+            from align_runner.data.prepare import REASONS
+
+            parts.append("\n".join(f"- `{r}`: {REASONS.get(r, r)}" for r in reasons))
     by_name = {s["name"]: s for s in stages}
     before, after = by_name.get("eval_before"), by_name.get("eval_after")
     if before is not None and after is not None:

@@ -287,6 +287,8 @@ def check_values(cfg: DictConfig) -> None:
     require(hw.num_processes >= 1, "hardware.num_processes", "an integer >= 1", hw.num_processes)
     require(hw.num_nodes >= 1, "hardware.num_nodes", "an integer >= 1", hw.num_nodes)
     require(cfg.data.max_length > 0, "data.max_length", "a positive token count", cfg.data.max_length)
+    share = cfg.data.max_dropped_share
+    require(0 <= share <= 1, "data.max_dropped_share", "a share of rows in [0, 1]", share)
     require(
         cfg.model.quantization in (None, "4bit", "8bit"), "model.quantization", "null, '4bit' or '8bit'", cfg.model.quantization
     )

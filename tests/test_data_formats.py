@@ -9,10 +9,10 @@ from align_runner.data.formats import (
     Format,
     Kind,
     detect_format,
-    detect_source_format,
     extract_implicit_prompt,
     validate_row,
 )
+from align_runner.data.prepare import check_rows
 
 U = {"role": "user", "content": "hi"}
 A = {"role": "assistant", "content": "hello"}
@@ -60,22 +60,36 @@ def test_main_column_of_wrong_type():
         detect_format({"prompt": 7}, "s", 0)
 
 
-def test_mixed_formats_in_one_source_name_the_row():
+def first_problem(rows, label, view="sft"):
+    return str(next(check_rows(rows, label, view), ""))
+
+
+def test_a_row_without_row_0s_columns_names_the_row_and_the_column():
     rows = [{"text": "a"}, {"text": "b"}, {"prompt": "p", "completion": "c"}]
-    with pytest.raises(DataError) as err:
-        detect_source_format(rows, "d.jsonl")
-    assert str(err.value).startswith("d.jsonl: row 2: expected the same format as row 0 (standard language modeling)")
-    assert "standard prompt completion" in str(err.value)
+    assert first_problem(rows, "d.jsonl") == (
+        "d.jsonl: row 2: column 'text': expected a column named 'text', as row 0 (standard language modeling) "
+        "has, got columns ['completion', 'prompt']"
+    )
 
 
 def test_standard_and_conversational_rows_do_not_mix():
-    with pytest.raises(DataError, match="row 1: expected the same format as row 0"):
-        detect_source_format([{"prompt": "p"}, {"prompt": [U]}], "d")
+    assert first_problem([{"prompt": "p"}, {"prompt": [U]}], "d", "prompt").startswith(
+        "d: row 1: expected the same format as row 0 (standard prompt only), got conversational prompt only"
+    )
 
 
 def test_empty_source_is_an_error():
-    with pytest.raises(DataError, match="d: no rows"):
-        detect_source_format([], "d")
+    assert first_problem([], "d") == "d: no rows"
+
+
+def test_every_problem_is_reported_in_row_order():
+    rows = [{"text": "a"}, {"text": ""}, {"text": 3}, {"text": "ok"}, {"messages": [U]}]
+    assert [str(p) for p in check_rows(rows, "d", "sft")] == [
+        "d: row 1: column 'text': expected a non-empty string, got ''",
+        "d: row 2: column 'text': expected a string, got 3 (int)",
+        "d: row 4: column 'text': expected a column named 'text', as row 0 (standard language modeling) has, "
+        "got columns ['messages']",
+    ]
 
 
 # -------------------------------------------------------------------------------- validation
@@ -110,6 +124,18 @@ def test_non_string_content():
     row = {"messages": [{"role": "user", "content": ["part"]}]}
     with pytest.raises(DataError, match=r"column 'messages': expected message 0 content to be a string, got \['part'\]"):
         validate_row(row, CONV_LM, "f", 0)
+
+
+def test_empty_content_is_an_error_except_for_system_and_tool_messages():
+    with pytest.raises(DataError) as err:
+        validate_row({"messages": [U, {"role": "assistant", "content": "  "}]}, CONV_LM, "f", 3)
+    assert str(err.value) == (
+        "f: row 3: column 'messages': expected message 1 (assistant) content to be a non-empty string, got '  '"
+    )
+    with pytest.raises(DataError, match=r"^f: row 0: column 'completion': expected a non-empty string, got ''$"):
+        validate_row({"prompt": "p", "completion": ""}, Format(Kind.PROMPT_COMPLETION, False), "f", 0)
+    # an empty system prompt or tool result is a placeholder, not a broken row
+    validate_row({"messages": [{"role": "system", "content": ""}, U, {"role": "tool", "content": ""}, A]}, CONV_LM, "f", 0)
 
 
 def test_tool_call_message_may_have_no_content():

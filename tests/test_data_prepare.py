@@ -41,7 +41,8 @@ def test_sft_keep_start(wt):
     examples, st = prepare_rows(ROWS_TEXT, "s", "sft", wt, max_length=3)
     assert [e["input_ids"] for e in examples] == [ids(wt, "hi", "there", EOS), ids(wt, "hi", "there", "hello")]
     assert examples[1]["loss_mask"] == [1, 1, 1]
-    assert st == stats(2, 2, 1, 0) and st.as_dict() == {"total": 2, "kept": 2, "truncated": 1, "dropped": 0}
+    assert st == stats(2, 2, 1, 0)
+    assert st.as_dict() == {"total": 2, "kept": 2, "truncated": 1, "dropped": 0, "truncated/too_long": 1}
 
 
 def test_sft_keep_end(wt):
@@ -53,7 +54,7 @@ def test_sft_keep_end(wt):
 def test_sft_drop(wt):
     examples, st = prepare_rows(ROWS_TEXT, "s", "sft", wt, max_length=3, truncation="drop")
     assert [e["input_ids"] for e in examples] == [ids(wt, "hi", "there", EOS)]
-    assert st == stats(2, 1, 0, 1)
+    assert st == stats(2, 1, 0, 1) and st.dropped_by == {"too_long": 1} and st.truncated_by == {}
 
 
 def test_sft_row_whose_completion_is_cut_away_is_dropped(wt):
@@ -63,13 +64,14 @@ def test_sft_row_whose_completion_is_cut_away_is_dropped(wt):
     ]
     examples, st = prepare_rows(rows, "s", "sft", wt, max_length=3)
     assert st == stats(2, 1, 1, 1)
+    assert st.dropped_by == {"prompt_too_long": 1} and st.truncated_by == {"too_long": 1}
     assert examples == [{"input_ids": ids(wt, "hi", "there", "hello"), "loss_mask": [0, 1, 1]}]
 
 
 def test_sft_conversation_without_assistant_turn_is_dropped(wt):
     rows = [{"messages": [USER]}, {"messages": [USER, GOOD]}]
     examples, st = prepare_rows(rows, "s", "sft", wt, max_length=64)
-    assert st == stats(2, 1, 0, 1)
+    assert st == stats(2, 1, 0, 1) and st.dropped_by == {"no_assistant_turn": 1}
     assert examples[0]["loss_mask"] == [0] * 7 + [1] * 3
     _, st_all = prepare_rows(rows, "s", "sft", wt, max_length=64, assistant_only_loss=False)
     assert st_all == stats(2, 2, 0, 0)
@@ -98,7 +100,7 @@ def test_preference_prompt_keeps_end_and_responses_fit_max_length(wt):
         "chosen_ids": ids(wt, "hello", "friend"),
         "rejected_ids": ids(wt, "bad", EOS),
     }]
-    assert st == stats(1, 1, 1, 0)
+    assert st == stats(1, 1, 1, 0) and st.truncated_by == {"prompt_too_long": 1}
 
 
 def test_preference_fitting_rows_are_untouched_and_drop_mode_drops(wt):
@@ -107,18 +109,29 @@ def test_preference_fitting_rows_are_untouched_and_drop_mode_drops(wt):
     _, st = prepare_rows([PREF_ROW], "s", "preference", wt, max_length=8, max_prompt_length=4, truncation="drop")
     assert st == stats(1, 0, 0, 1)
     _, st = prepare_rows([PREF_ROW], "s", "preference", wt, max_length=7, truncation="drop")
-    assert st == stats(1, 0, 0, 1)
+    assert st == stats(1, 0, 0, 1) and st.dropped_by == {"too_long": 1}
 
 
 def test_preference_prompt_filling_max_length_leaves_no_response(wt):
     _, st = prepare_rows([PREF_ROW], "s", "preference", wt, max_length=5)
-    assert st == stats(1, 0, 0, 1)
+    assert st == stats(1, 0, 0, 1) and st.dropped_by == {"prompt_too_long": 1}
 
 
 def test_preference_implicit_prompt_failure_names_the_row(wt):
-    rows = [{"chosen": "I like cats", "rejected": "I like dogs"}, {"chosen": "same", "rejected": "same"}]
-    with pytest.raises(DataError, match=r"^d\.jsonl: row 1: chosen and rejected are identical"):
-        prepare_rows(rows, "d.jsonl", "preference", wt, max_length=8)
+    rows = [{"chosen": [USER, GOOD], "rejected": [USER, BAD]}, {"chosen": [GOOD], "rejected": [BAD]}]
+    with pytest.raises(DataError, match=r"^d\.jsonl: row 1: column 'prompt': expected a 'prompt' column, or chosen "
+                                        r"and rejected that share their start, got chosen and rejected share no"):
+        prepare_rows(rows, "d.jsonl", "preference", wt, max_length=64)
+
+
+def test_identical_pairs_are_dropped_and_counted(wt):
+    same = {"chosen": "hello friend", "rejected": "hello friend"}
+    rows = [{"chosen": "I like cats", "rejected": "I like dogs"}, same, {"prompt": "hi", "chosen": " bad", "rejected": " bad"}]
+    _, st = prepare_rows(rows, "d", "preference", wt, max_length=8)
+    assert st == stats(3, 1, 0, 2) and st.dropped_by == {"identical_pair": 2}
+    # as SFT data a pair with its own prompt is an ordinary example; without one it has no prompt
+    _, st = prepare_rows(rows, "d", "sft", wt, max_length=8)
+    assert st == stats(3, 2, 0, 1) and st.dropped_by == {"identical_pair": 1}
 
 
 def test_preference_view_needs_pairs(wt):
@@ -135,8 +148,9 @@ def test_prompt_view_from_preference_keeps_prompt_end_and_columns(wt):
     assert examples[0]["prompt_ids"] == ids(wt, "c", "d", "e") and examples[0]["prompt_text"] == "c d e"
     assert examples[0]["id"] == 1 and examples[0]["chosen"] == " yes"
     assert examples[1]["prompt_ids"] == ids(wt, "a", "b") and examples[1]["prompt_text"] == "a b"
+    assert st.truncated_by == {"prompt_too_long": 1}
     _, st = prepare_rows(rows, "s", "prompt", wt, max_length=3, truncation="drop")
-    assert st == stats(2, 1, 0, 1)
+    assert st == stats(2, 1, 0, 1) and st.dropped_by == {"too_long": 1}
 
 
 def test_prompt_view_from_conversation_drops_final_assistant_turn(wt):
@@ -159,7 +173,7 @@ def test_bad_row_is_reported_with_source_row_and_column(wt):
 
 
 def test_mixed_formats_are_reported(wt):
-    with pytest.raises(DataError, match=r"^f: row 1: expected the same format as row 0"):
+    with pytest.raises(DataError, match=r"^f: row 1: column 'text': expected a column named 'text', as row 0"):
         prepare_rows([{"text": "hi"}, {"messages": [USER, GOOD]}], "f", "sft", wt, max_length=64)
 
 

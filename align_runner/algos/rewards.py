@@ -34,7 +34,7 @@ from torch import Tensor
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 # keyword names a reward function receives besides the dataset columns
-_RESERVED = ("prompts", "completions", "completion_ids")
+REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids")
 
 
 # ------------------------------------------------------------------------------- completions
@@ -90,9 +90,9 @@ def call_reward(
 def _start(fn: Callable, prompts, completions, completion_ids, columns) -> Any:
     """The function's result, or its awaitable when it is async (not run yet)."""
     columns = dict(columns or {})
-    clash = [k for k in _RESERVED if k in columns]
+    clash = [k for k in REWARD_ARGUMENTS if k in columns]
     if clash:
-        raise ValueError(f"dataset columns {clash} clash with the reward-function arguments {list(_RESERVED)}")
+        raise ValueError(f"dataset columns {clash} clash with the reward-function arguments {list(REWARD_ARGUMENTS)}")
     return fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
 
 

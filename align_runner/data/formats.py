@@ -22,16 +22,20 @@ extra columns (ids, answers, metadata) are allowed and passed along.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from align_runner.data.errors import DataError, Shown, describe, row_error
+from align_runner.data.errors import Shown, describe, row_error
 
 ROLES = ("system", "user", "assistant", "tool")
+# Roles whose message must say something: an empty system prompt or tool result is a harmless
+# placeholder many datasets carry, an empty user or assistant turn is a broken row.
+_CONTENT_ROLES = ("user", "assistant")
 MESSAGES_EXPECTED = "a non-empty list of {role, content} messages"
 STRING_EXPECTED = "a string"
+NON_EMPTY_EXPECTED = "a non-empty string"
 
 
 class Kind(str, Enum):
@@ -93,18 +97,11 @@ def detect_format(row: Mapping, label: str, index: int) -> Format:
     raise row_error(label, index, None, f"one of the column sets {_KNOWN_SETS}", Shown(f"columns {sorted(row)}"))
 
 
-def detect_source_format(rows: Sequence[Mapping], label: str) -> Format:
-    """The one format shared by every row of a source; a row of another format is a DataError."""
-    if not rows:
-        raise DataError(f"{label}: no rows")
-    first = detect_format(rows[0], label, 0)
-    for index in range(1, len(rows)):
-        fmt = detect_format(rows[index], label, index)
-        if fmt != first:
-            raise row_error(
-                label, index, None, f"the same format as row 0 ({first})", Shown(f"{fmt} (columns {sorted(rows[index])})")
-            )
-    return first
+def format_columns(fmt: Format) -> tuple[str, ...]:
+    """The columns every row of ``fmt`` has (``prompt`` of a preference row is optional)."""
+    if fmt.kind is Kind.LANGUAGE_MODELING:
+        return ("messages",) if fmt.conversational else ("text",)
+    return next(columns for kind, columns, _ in _DETECTION_ORDER if kind is fmt.kind)
 
 
 def validate_row(row: Mapping, fmt: Format, label: str, index: int) -> None:
@@ -127,6 +124,8 @@ def validate_row(row: Mapping, fmt: Format, label: str, index: int) -> None:
             with_message_prompt(row, label, index)  # raises unless chosen/rejected repeat it
         elif "prompt" in row:
             _check_value(row, "prompt", fmt.conversational, label, index)
+        elif row["chosen"] != row["rejected"]:  # an identical pair is dropped and counted, not an error
+            _check_implicit_prompt(row, label, index)
 
 
 def with_message_prompt(row: Mapping, label: str, index: int) -> Mapping:
@@ -154,6 +153,15 @@ def with_message_prompt(row: Mapping, label: str, index: int) -> Mapping:
     return {**row, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
+def _check_implicit_prompt(row: Mapping, label: str, index: int) -> None:
+    """A pair without a ``prompt`` column must have one to extract (their shared start)."""
+    try:
+        extract_implicit_prompt(row["chosen"], row["rejected"])
+    except ValueError as exc:
+        raise row_error(label, index, "prompt", "a 'prompt' column, or chosen and rejected that share their start",
+                        Shown(str(exc))) from None
+
+
 def _check_value(row: Mapping, column: str, conversational: bool, label: str, index: int) -> None:
     if column not in row:
         raise row_error(label, index, column, "a column named " + repr(column), Shown(f"columns {sorted(row)}"))
@@ -161,6 +169,8 @@ def _check_value(row: Mapping, column: str, conversational: bool, label: str, in
     if not conversational:
         if not isinstance(value, str):
             raise row_error(label, index, column, STRING_EXPECTED, value)
+        if not value.strip():
+            raise row_error(label, index, column, NON_EMPTY_EXPECTED, value)
         return
     if not isinstance(value, list) or not value:
         raise row_error(label, index, column, MESSAGES_EXPECTED, value)
@@ -179,6 +189,8 @@ def _check_message(message: Any, position: int, column: str, label: str, index: 
         return
     if not isinstance(content, str):
         raise row_error(label, index, column, f"message {position} content to be a string", content)
+    if role in _CONTENT_ROLES and not content.strip():
+        raise row_error(label, index, column, f"message {position} ({role}) content to be a non-empty string", content)
 
 
 def _check_label(row: Mapping, label: str, index: int) -> None:

@@ -11,15 +11,22 @@ unambiguous; anything else is a DataError naming the accepted formats):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
-from align_runner.data.errors import DataError
-from align_runner.data.formats import Format, Kind, detect_source_format, validate_row, with_message_prompt
+from align_runner.data.errors import DataError, Shown, row_error
+from align_runner.data.formats import (
+    Format,
+    Kind,
+    detect_format,
+    format_columns,
+    validate_row,
+    with_message_prompt,
+)
 from align_runner.data.tokenize import preference_parts, tokenize_preference, tokenize_prompt, tokenize_sft
 
 VIEWS = ("sft", "preference", "prompt")
@@ -32,18 +39,65 @@ _VIEW_KINDS: dict[str, tuple[Kind, ...]] = {
 }
 
 
+# Why a row is dropped or truncated: the metric ``<view>/<split>/dropped/<reason>`` (and
+# ``truncated/<reason>``), with what it means, for logs and errors.
+REASONS = {
+    "too_long": "longer than data.max_length (or its prompt than data.max_prompt_length) with data.truncation=drop",
+    "prompt_too_long": "the prompt (the untrained start) is longer than data.max_length / data.max_prompt_length",
+    "no_assistant_turn": "no assistant message to train on (data.assistant_only_loss=true)",
+    "empty_completion": "no completion token to train on",
+    "empty_prompt": "the prompt has no tokens",
+    "identical_pair": "chosen is identical to rejected: no preference to learn",
+}
+
+
 @dataclass
 class PrepStats:
     """Row counts of one prepared source: ``total == kept + dropped``; ``truncated`` counts kept rows
-    that were cut to fit."""
+    that were cut to fit. ``dropped_by`` / ``truncated_by`` split them by reason (keys of REASONS)."""
 
     total: int = 0
     kept: int = 0
     truncated: int = 0
     dropped: int = 0
+    dropped_by: dict[str, int] = field(default_factory=dict, compare=False)
+    truncated_by: dict[str, int] = field(default_factory=dict, compare=False)
+
+    def count(self, dropped: str | None = None, truncated: str | None = None) -> None:
+        """Count one row: dropped for reason ``dropped``, else kept (truncated for ``truncated``)."""
+        if dropped is not None:
+            self.dropped += 1
+            self.dropped_by[dropped] = self.dropped_by.get(dropped, 0) + 1
+            return
+        self.kept += 1
+        if truncated is not None:
+            self.truncated += 1
+            self.truncated_by[truncated] = self.truncated_by.get(truncated, 0) + 1
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        """The counts as metrics: ``total``, ``kept``, ``truncated``, ``dropped``, ``dropped/<reason>``,
+        ``truncated/<reason>``."""
+        out = {"total": self.total, "kept": self.kept, "truncated": self.truncated, "dropped": self.dropped}
+        out.update({f"dropped/{r}": n for r, n in sorted(self.dropped_by.items())})
+        out.update({f"truncated/{r}": n for r, n in sorted(self.truncated_by.items())})
+        return out
+
+
+def check_kept(counts: Mapping[str, float], label: str, view: str, split: str, max_dropped_share: float) -> None:
+    """Raise a DataError when filtering left ``view``'s ``split`` (read from source ``label``) with no
+    row, or dropped more than ``max_dropped_share`` of its rows; the message gives the counts and the
+    main cause. ``counts`` as :meth:`PrepStats.as_dict` (or data_prep's metrics of that split) gives them."""
+    total, kept, dropped = int(counts.get("total", 0)), int(counts.get("kept", 0)), int(counts.get("dropped", 0))
+    if total == 0 or (kept > 0 and dropped <= max_dropped_share * total):
+        return
+    reasons = {k.split("/", 1)[1]: int(v) for k, v in counts.items() if k.startswith("dropped/")}
+    main = max(reasons, key=lambda r: reasons[r]) if reasons else None
+    cause = f"; mostly {main} ({reasons[main]}): {REASONS.get(main, main)}" if main else ""
+    why = "none is left" if kept == 0 else f"more than data.max_dropped_share={max_dropped_share:g}"
+    raise DataError(
+        f"{label}: the {view!r} view ({split}): filtering dropped {dropped} of {total} rows "
+        f"({dropped / total:.0%}), {why}{cause}"
+    )
 
 
 def prepare_rows(
@@ -81,28 +135,61 @@ def prepare_rows(
     if truncation not in TRUNCATIONS:
         raise ValueError(f"unknown truncation {truncation!r}; valid: {', '.join(TRUNCATIONS)}")
     _check_lengths(max_length, max_prompt_length)
-    fmt = detect_source_format(rows, label)
-    _check_view(fmt, view, label)
+    problem = next(check_rows(rows, label, view), None)  # every row is checked before any is tokenized
+    if problem is not None:
+        raise problem
+    fmt = detect_format(rows[0], label, 0)
+    untrained = "no_assistant_turn" if fmt.kind is Kind.LANGUAGE_MODELING and fmt.conversational else "empty_completion"
     examples: list[dict] = []
     stats = PrepStats(total=len(rows))
     bar = tqdm(rows, desc=f"data_prep {view}", disable=not progress, dynamic_ncols=True, leave=False)
     for index, row in enumerate(bar):
-        validate_row(row, fmt, label, index)
+        if _identical_pair(row, fmt, view):
+            stats.count(dropped="identical_pair")
+            continue
         row = with_message_prompt(row, label, index)
         try:
             example = _tokenize(row, fmt, view, tokenizer, completion_only_loss, assistant_only_loss, chat_template)
         except DataError:
             raise
-        except (ValueError, TemplateError) as exc:  # implicit-prompt / chat-template problems lack a location
+        except (ValueError, TemplateError) as exc:  # chat-template problems lack a location
             raise DataError(f"{label}: row {index}: {exc}") from exc
-        fitted, was_cut = _fit(example, view, max_length, max_prompt_length, truncation, tokenizer)
+        fitted, reason = _fit(example, view, max_length, max_prompt_length, truncation, tokenizer, untrained)
         if fitted is None:
-            stats.dropped += 1
+            stats.count(dropped=reason)
             continue
-        stats.kept += 1
-        stats.truncated += int(was_cut)
+        stats.count(truncated=reason)
         examples.append(fitted)
     return examples, stats
+
+
+def check_rows(rows: Sequence[Mapping], label: str, view: str) -> Iterator[DataError]:
+    """Every problem of ``rows`` as ``view``'s data, in row order, without tokenizing: a format the
+    view cannot take (reported once), then each row of another format than row 0 or with a bad column,
+    type, role or empty content. data_prep and the check before any model loads both run this."""
+    if not rows:
+        yield DataError(f"{label}: no rows")
+        return
+    try:
+        fmt = detect_format(rows[0], label, 0)
+        _check_view(fmt, view, label)
+    except DataError as exc:
+        yield exc
+        return
+    for index, row in enumerate(rows):
+        try:
+            missing = [c for c in format_columns(fmt) if isinstance(row, Mapping) and c not in row]
+            if missing:
+                raise row_error(label, index, missing[0], f"a column named {missing[0]!r}, as row 0 ({fmt}) has",
+                                Shown(f"columns {sorted(row)}"))
+            found = detect_format(row, label, index)
+            if found != fmt:
+                raise row_error(label, index, None, f"the same format as row 0 ({fmt})", Shown(f"{found} (columns {sorted(row)})"))
+            validate_row(row, fmt, label, index)
+            if view == "prompt" and fmt.kind is Kind.LANGUAGE_MODELING:
+                _check_has_prompt(row, label, index)
+        except DataError as exc:
+            yield exc
 
 
 # ------------------------------------------------------------------------------ conversion
@@ -121,6 +208,12 @@ def accepted_formats(view: str) -> str:
 def _check_view(fmt: Format, view: str, label: str) -> None:
     if not feeds(fmt, view):
         raise DataError(f"{label}: {fmt} data cannot feed the '{view}' view; it accepts: {accepted_formats(view)}")
+
+
+def _identical_pair(row: Mapping, fmt: Format, view: str) -> bool:
+    """A pair whose chosen equals rejected teaches no preference, and without a prompt column it has
+    no prompt to extract; as SFT data with its own prompt it is an ordinary example."""
+    return fmt.kind is Kind.PREFERENCE and row["chosen"] == row["rejected"] and (view != "sft" or "prompt" not in row)
 
 
 def _tokenize(
@@ -143,13 +236,18 @@ def _tokenize(
 
 
 def _messages_to_prompt(row: Mapping) -> dict:
-    """A conversation as a prompt: the messages before its final assistant turn (if it ends with one)."""
+    """A conversation as a prompt: the messages before its final assistant turn (if it ends with one);
+    :func:`_check_has_prompt` made sure some are left."""
     messages = list(row["messages"])
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    if not messages:
-        raise ValueError("the conversation has only an assistant message, so no prompt is left")
     return {**row, "prompt": messages}
+
+
+def _check_has_prompt(row: Mapping, label: str, index: int) -> None:
+    if len(row["messages"]) == 1 and row["messages"][0]["role"] == "assistant":
+        raise row_error(label, index, "messages", "a message before the final assistant turn (the prompt)",
+                        Shown("only an assistant message"))
 
 
 # --------------------------------------------------------------------------- length policy
@@ -163,59 +261,67 @@ def _check_lengths(max_length: Any, max_prompt_length: Any) -> None:
 
 
 def _fit(
-    example: dict, view: str, max_length: int, max_prompt_length: int | None, truncation: str, tokenizer: Any
-) -> tuple[dict | None, bool]:
-    """``(example or None if dropped, whether it was truncated)``."""
+    example: dict, view: str, max_length: int, max_prompt_length: int | None, truncation: str, tokenizer: Any,
+    untrained: str,
+) -> tuple[dict | None, str | None]:
+    """``(example, truncation reason or None)`` when kept, ``(None, drop reason)`` when dropped (reasons:
+    keys of REASONS; ``untrained`` is the reason for an SFT row that trains no token)."""
     if view == "sft":
-        return _fit_sft(example, max_length, truncation)
+        return _fit_sft(example, max_length, truncation, untrained)
     if view == "preference":
         return _fit_preference(example, max_length, max_prompt_length, truncation)
     return _fit_prompt(example, max_prompt_length or max_length, truncation, tokenizer)
 
 
-def _fit_sft(example: dict, max_length: int, truncation: str) -> tuple[dict | None, bool]:
+def _fit_sft(example: dict, max_length: int, truncation: str, untrained: str) -> tuple[dict | None, str | None]:
     ids, mask = example["input_ids"], example["loss_mask"]
+    if not any(mask[1:]):  # the first token is never a target
+        return None, untrained
     cut = len(ids) > max_length
     if cut and truncation == "drop":
-        return None, False
+        return None, "too_long"
     if cut:
         window = slice(0, max_length) if truncation == "keep_start" else slice(len(ids) - max_length, None)
         ids, mask = ids[window], mask[window]
     if not any(mask[1:]):
-        return None, False
-    return {**example, "input_ids": ids, "loss_mask": mask}, cut
+        return None, "prompt_too_long"
+    return {**example, "input_ids": ids, "loss_mask": mask}, "too_long" if cut else None
 
 
 def _fit_preference(
     example: dict, max_length: int, max_prompt_length: int | None, truncation: str
-) -> tuple[dict | None, bool]:
+) -> tuple[dict | None, str | None]:
     prompt, chosen, rejected = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
+    if not chosen or not rejected:
+        return None, "empty_completion"
     prompt_limit = max_prompt_length if max_prompt_length is not None else len(prompt)
-    over = len(prompt) > prompt_limit or max(len(chosen), len(rejected)) + min(len(prompt), prompt_limit) > max_length
+    long_prompt = len(prompt) > prompt_limit
+    over = long_prompt or max(len(chosen), len(rejected)) + min(len(prompt), prompt_limit) > max_length
+    reason = "prompt_too_long" if long_prompt else "too_long"
     if over and truncation == "drop":
-        return None, False
+        return None, "too_long"
     if over:
         prompt = _keep_end(prompt, prompt_limit)
         room = max(max_length - len(prompt), 0)
         chosen, rejected = chosen[:room], rejected[:room]
     if not chosen or not rejected:
-        return None, False
-    return {**example, "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}, over
+        return None, "prompt_too_long"
+    return {**example, "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}, reason if over else None
 
 
-def _fit_prompt(example: dict, limit: int, truncation: str, tokenizer: Any) -> tuple[dict | None, bool]:
+def _fit_prompt(example: dict, limit: int, truncation: str, tokenizer: Any) -> tuple[dict | None, str | None]:
     ids = example["prompt_ids"]
+    if not ids:
+        return None, "empty_prompt"
     cut = len(ids) > limit
     if cut and truncation == "drop":
-        return None, False
-    if not ids:
-        return None, False
+        return None, "too_long"
     if not cut:
-        return example, False
+        return example, None
     ids = _keep_end(ids, limit)
     # Keep prompt_text equal to what generation actually sees.
     text = tokenizer.decode(ids, skip_special_tokens=False)
-    return {**example, "prompt_ids": ids, "prompt_text": text}, True
+    return {**example, "prompt_ids": ids, "prompt_text": text}, "prompt_too_long"
 
 
 def _keep_end(ids: list[int], n: int) -> list[int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,8 @@ SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 # Suffixes that can only mean a local file: a missing one is a typo, not a hub id.
 _LOCAL_LOOKING_SUFFIXES = (*SUPPORTED_EXTENSIONS, ".txt", ".arrow", ".gz", ".tsv", ".jsonl.gz")
+# Editors on Windows start UTF-8 files with it; it is not part of the first row.
+_BOM = "\ufeff"
 
 
 def load_rows(source: Mapping) -> tuple[list[dict], str]:
@@ -89,6 +92,14 @@ def map_columns(rows: list[dict], source: Mapping, label: str) -> list[dict]:
             f"{label}: rename {rename} targets {clash}, which the source already has; add them to 'drop' first"
         )
     return [{rename.get(k, k): v for k, v in row.items() if k not in drop} for row in rows]
+
+
+def is_hub(source: Mapping) -> bool:
+    """Whether ``source`` names a hub dataset (a path that is neither here nor local-looking)."""
+    path = source.get("path")
+    if path is None or source.get("rows") is not None:
+        return False
+    return not Path(str(path)).expanduser().exists() and not _is_local(str(path))
 
 
 def source_label(source: Mapping) -> str:
@@ -180,10 +191,13 @@ def _file_rows(path: Path, split: str) -> list[dict]:
 
 def _jsonl_rows(path: Path, stop_after: int | None = None) -> list[dict]:
     rows: list[dict] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    offset = 0  # of the line's first byte, to point at a byte that is not UTF-8
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
             if stop_after is not None and len(rows) >= stop_after:
                 break
+            line = _decode_line(raw, path, offset, f"line {line_number} (row {len(rows)})")
+            offset += len(raw)
             if not line.strip():
                 continue  # blank lines (often a trailing newline) are not rows
             try:
@@ -204,7 +218,7 @@ def _jsonl_rows(path: Path, stop_after: int | None = None) -> list[dict]:
 
 def _json_rows(path: Path, split: str) -> list[dict]:
     """A ``.json`` file holds a list of objects, or an object with a ``split``/``data``/``rows`` list."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -226,11 +240,11 @@ def _json_rows(path: Path, split: str) -> list[dict]:
 
 def _csv_rows(path: Path) -> list[dict]:
     """CSV cells are strings; two decodings make TRL-format files usable (see ``_decode_csv_cell``)."""
-    with path.open(encoding="utf-8", newline="") as handle:
-        return [
-            {column: _decode_csv_cell(column, cell) for column, cell in row.items()}
-            for row in csv.DictReader(handle)
-        ]
+    text = _read_text(path)
+    return [
+        {column: _decode_csv_cell(column, cell) for column, cell in row.items()}
+        for row in csv.DictReader(io.StringIO(text, newline=""))
+    ]
 
 
 def _decode_csv_cell(column: str, cell: str | None) -> Any:
@@ -286,6 +300,31 @@ def _hub_dataset(dataset_id: str, name: str | None, split: str, revision: str | 
 
 
 # --------------------------------------------------------------------------------------- helpers
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8 (without a byte-order mark); a byte that is not UTF-8 is a DataError
+    naming its line and byte offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").removeprefix(_BOM)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise _not_utf8(path, data, exc.start, f"line {line}") from None
+
+
+def _decode_line(raw: bytes, path: Path, offset: int, where: str) -> str:
+    """One line (starting at byte ``offset`` of the file) as UTF-8; the first without a byte-order mark."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, raw, exc.start, where, offset) from None
+    return text.removeprefix(_BOM) if offset == 0 else text
+
+
+def _not_utf8(path: Path, raw: bytes, start: int, where: str, offset: int = 0) -> DataError:
+    return DataError(f"{path}: {where}: not UTF-8: byte 0x{raw[start]:02x} at byte offset {offset + start}; "
+                     "save the file as UTF-8")
+
+
 def _is_local(path: str) -> bool:
     """Whether ``path`` can only mean a local file or folder (so a missing one is an error)."""
     if path.startswith(("/", "./", "../", "~", ".\\")) or "\\" in path:

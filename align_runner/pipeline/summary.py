@@ -30,22 +30,30 @@ def summary_table(result: RunResult) -> Table:
 
 def data_counts(metrics: Mapping[str, float]) -> list[str]:
     """One line per prepared ``view/split`` of data_prep's metrics: rows in the source, rows cut by its
-    limit, rows kept (and truncated), rows dropped for length or for having nothing to train on."""
+    limit, rows kept (and truncated), rows dropped, each with its reasons (``dropped/<reason>``, the
+    names of ``align_runner.data.prepare.REASONS``) when the manifest has them."""
     counts: dict[str, dict[str, int]] = {}
     for key, value in metrics.items():
-        where, _, name = key.rpartition("/")
-        if where.count("/") == 1:
-            counts.setdefault(where, {})[name] = int(value)
+        view, split, name = (key.split("/", 2) + ["", ""])[:3]
+        if name:
+            counts.setdefault(f"{view}/{split}", {})[name] = int(value)
     lines = []
     for where, c in counts.items():
         parts = [f"{c.get('rows', c.get('total', 0))} rows"]  # manifests before `rows` have only `total`
         if c.get("limited"):
             parts.append(f"{c['limited']} cut by limit")
-        parts.append(f"kept {c.get('kept', 0)}" + (f" ({c['truncated']} truncated)" if c.get("truncated") else ""))
+        truncated = _reasons(c, "truncated") or "over the length limits"
+        parts.append(f"kept {c.get('kept', 0)}" + (f" ({c['truncated']} truncated: {truncated})" if c.get("truncated") else ""))
         if c.get("dropped"):
-            parts.append(f"dropped {c['dropped']} (over the length limits, or nothing to train on)")
+            parts.append(f"dropped {c['dropped']} ({_reasons(c, 'dropped') or 'over the length limits, or nothing to train on'})")
         lines.append(f"{where}: {', '.join(parts)}")
     return lines
+
+
+def _reasons(counts: Mapping[str, int], what: str) -> str:
+    """``prompt_too_long 3, identical_pair 1``: the ``<what>/<reason>`` counts, most first."""
+    found = sorted(((k.split("/", 1)[1], n) for k, n in counts.items() if k.startswith(f"{what}/")), key=lambda rn: -rn[1])
+    return ", ".join(f"{reason} {n}" for reason, n in found)
 
 
 def before_after(result: RunResult) -> list[str]:

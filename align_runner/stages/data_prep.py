@@ -3,7 +3,10 @@
 Output: ``data/<view>-<split>.jsonl`` per view ("sft", "preference", "prompt") and split ("train",
 "eval"), plus the row counts in the manifest: ``<view>/<split>/rows`` (in the source), ``limited``
 (cut by its ``limit``), ``total`` (prepared), ``kept``, ``truncated`` and ``dropped`` (over the length
-limits, or left with nothing to learn from). Each view's source is its own ``data.<view>.<split>`` or
+limits, or left with nothing to learn from), each of the last two also by reason
+(``dropped/prompt_too_long``, ``truncated/too_long``: ``prepare.REASONS``). A split that filtering
+empties, or that loses more than ``data.max_dropped_share`` of its rows, is a DataError raised before
+the stage finishes, so it never gets DONE. Each view's source is its own ``data.<view>.<split>`` or
 the shared ``data.<split>`` (``align_runner.data.views``). Later stages read these files through
 ``StageContext.dataset``; none of them tokenizes again.
 """
@@ -16,15 +19,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from align_runner.data.errors import DataError
-from align_runner.data.prepare import prepare_rows
+from align_runner.data.prepare import check_kept, prepare_rows
 from align_runner.data.sources import apply_limit, load_rows
 from align_runner.data.views import SPLITS, shared_formats, view_source
 from align_runner.registry import register_stage
 from align_runner.stages.context import StageContext
 
 log = logging.getLogger("align_runner")
-
 
 
 def prepared_path(stage_dir: Path, view: str, split: str) -> Path:
@@ -74,18 +75,9 @@ def run_data_prep(ctx: StageContext) -> dict[str, float]:
                 chat_template=data.chat_template,
                 progress=ctx.is_main and bool(ctx.cfg.train.progress),  # data.train is a source here, not train settings
             )
-            log.info(
-                "data_prep %s/%s from %s: %d rows (%d cut by limit), kept %d, truncated %d, dropped %d",
-                view, split, label, len(everything), len(everything) - len(rows), stats.kept, stats.truncated,
-                stats.dropped,
-            )
-            if not prepared:
-                raise DataError(
-                    f"{label}: none of its {stats.total} rows is left for the {view!r} view ({split}): "
-                    f"{stats.dropped} dropped over data.max_length={data.max_length} / data.max_prompt_length="
-                    f"{data.max_prompt_length} (truncation={data.truncation}) or with nothing to train on"
-                )
             counts = {"rows": len(everything), "limited": len(everything) - len(rows), **stats.as_dict()}
+            log.info("data_prep %s/%s from %s: %s", view, split, label, ", ".join(f"{k} {v}" for k, v in counts.items()))
+            check_kept(counts, label, view, split, float(data.max_dropped_share))
             for k, v in counts.items():
                 metrics[f"{view}/{split}/{k}"] = v
             if ctx.is_main:
