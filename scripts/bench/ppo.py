@@ -34,11 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import (
+from common import (
     REPO,
     RESULTS,
-    _code,
-    _load,
     build_model,
     code_fingerprint,
     machine,
@@ -46,6 +44,9 @@ from run import (
     worker_env,
     write_jsonl,
 )
+from common import code_label as _code
+from common import load_label as _load
+from measure import bare_step
 
 # the rollout phases each PPO metrics row times (stages/ppo.py), then the updates (engine/online.py)
 PHASES = ("generation", "scoring", "reference", "values", "update")
@@ -137,21 +138,6 @@ def overrides(spec: dict) -> list[str]:
         f"paths.cache={out / 'cache'}",
         f"seed={s['seed']}",
     ]
-
-
-def bare_step(state, step, batches: list[dict], max_grad_norm: float) -> None:
-    """One optimizer step with nothing but PyTorch: each micro-batch's loss (a mean over its
-    num_items) weighted by its share of the step's items, backward, clip, step, zero_grad."""
-    import torch
-
-    state.model.train()
-    total = sum(float(b["num_items"]) for b in batches)
-    for b in batches:
-        out = step(state.model, b)
-        (out.loss * (float(b["num_items"]) / total)).backward()
-    torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_grad_norm)
-    state.optimizer.step()
-    state.optimizer.zero_grad(set_to_none=True)
 
 
 def engine_overhead(engine, updates, steps: list[list[dict]], epochs: int, repeats: int) -> dict:

@@ -1,0 +1,81 @@
+"""dpo: direct preference optimisation (sigmoid loss, beta 0.1) on preference pairs, no SFT before it.
+
+pairs/s = the epoch's pairs / seconds, the reference pass counted on both sides: TRL's DPOTrainer
+(default ``precompute_ref_log_probs=False``) runs the reference model's forward inside every step, so
+``trainer.train()`` includes it; align_runner computes the reference log-probs once in its own
+``ref_logps`` stage (pipeline=auto inserts it before dpo), so its seconds are that computation's plus
+the dpo stage's ``fit``: the reference pass amortised over the epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import Case, read_jsonl
+
+from cases import offline, preference
+
+
+def settings(args: argparse.Namespace) -> dict:
+    s = offline.settings(args, rows=16, quick_rows=16, unit_rows="preference pairs (explicit prompt)")
+    offline.check_rows(s)
+    s["loss"] = "sigmoid DPO, beta 0.1, no label smoothing"
+    s["reference"] = (
+        "TRL: a second model's forward in every step; align_runner: the ref_logps stage once "
+        "(batches of 8 pairs), timed and added"
+    )
+    s["logits"] = "both sides run the LM head on response positions only (TRL's fused LM head, align_runner's counted-token head)"
+    return s
+
+
+def trl_worker(spec: dict) -> dict:
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    trainer = DPOTrainer(
+        model=spec["model_dir"],
+        args=offline.trl_args(DPOConfig, spec, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=False),
+        train_dataset=datasets.Dataset.from_list(read_jsonl(spec["data_file"])),
+    )
+    return {**offline.trl_train(trainer), "units": spec["settings"]["rows"]}
+
+
+def align_runner_worker(spec: dict) -> dict:
+    import align_runner.stages.ref_logps as ref_stage
+
+    reference: list[float] = []
+    compute = ref_stage.compute_reference_logps
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return compute(*args, **kwargs)
+        finally:
+            reference.append(time.perf_counter() - t0)
+
+    ref_stage.compute_reference_logps = timed
+    out = offline.run_align_runner(
+        spec,
+        "dpo",
+        ["algorithm.loss.beta=0.1", f"algorithm.reference.batch_size={spec['settings']['batch']}"],
+        stages=("ref_logps",),
+        load_fresh=lambda: offline.causal_lm(spec["model_dir"]),
+    )
+    if not reference:
+        raise RuntimeError("the ref_logps stage did not call compute_reference_logps: the reference pass was not timed")
+    # the reference forward over the same sequences, the LM head on the same response positions
+    out["flops"] *= 1 + 1 / 3
+    out["fit_seconds"] = out["seconds"]
+    out["reference_seconds"] = sum(reference)
+    out["seconds"] += out["reference_seconds"]
+    out["timed"] = "compute_reference_logps of the ref_logps stage + Engine.fit of the dpo stage"
+    return {**out, "units": spec["settings"]["rows"]}
+
+
+CASE = Case(
+    unit="pairs",
+    settings=settings,
+    prepare=preference.prepare,
+    workers={"trl": trl_worker, "align_runner": align_runner_worker},
+)

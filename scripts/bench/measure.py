@@ -1,0 +1,194 @@
+"""What the align_runner side measures besides its throughput: the FLOPs of its work, this machine's
+matmul peak, and the engine's overhead against a bare PyTorch loop on the same micro-batches.
+
+FLOPs of a forward + backward over a sequence of L real tokens, with P the non-embedding parameters,
+``layers`` / ``hidden`` the model's, V the vocabulary and K the positions whose logits are computed:
+
+    6 * P * L  +  12 * layers * hidden * L**2  +  6 * hidden * V * K
+
+(the weight matmuls, attention's QK^T and AV over the sequence's own length, the LM head on the K
+positions). A forward-only pass (reference log-probs, sampling) counts a third of it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+FLOP_FORMULA = (
+    "per sequence of L real tokens: 6*P*L + 12*layers*hidden*L^2 + 6*hidden*vocab*K "
+    "(P: non-embedding parameters; K: positions whose logits are computed); forward-only passes count 1/3"
+)
+
+
+# ===================================================================================== FLOPs
+
+
+def sequence_flops(model: dict, length: int, logit_positions: int) -> float:
+    """Forward + backward FLOPs of one sequence (the module docstring's formula)."""
+    layers, hidden, vocab = model["num_hidden_layers"], model["hidden_size"], model["vocab_size"]
+    return (
+        6.0 * model["non_embedding_parameters"] * length
+        + 12.0 * layers * hidden * length**2
+        + 6.0 * hidden * vocab * logit_positions
+    )
+
+
+def batch_sequences(batch: dict) -> list[int]:
+    """Real-token lengths of the sequences of a padded (attention mask) or packed (sequence ids) batch."""
+    import torch
+
+    if "sequence_ids" in batch:
+        seq = batch["sequence_ids"]
+        return torch.bincount(seq[seq >= 0]).tolist()
+    return batch["attention_mask"].sum(-1).tolist()
+
+
+def logit_positions(batch: dict) -> int:
+    """Positions whose logits the step computes: SFT's trained tokens (labels, shifted by one), the
+    response tokens of a preference batch (loss mask), none for a reward model (a score head)."""
+    if "labels" in batch:
+        return int((batch["labels"][:, 1:] != -100).sum())
+    if "loss_mask" in batch:
+        return int((batch["loss_mask"][:, 1:] != 0).sum())
+    return 0
+
+
+def steps_flops(model: dict, steps: list[list[dict]]) -> float:
+    """Forward + backward FLOPs of the recorded optimizer steps' micro-batches."""
+    return sum(
+        sum(sequence_flops(model, n, 0) for n in batch_sequences(b)) + sequence_flops(model, 0, logit_positions(b))
+        for batches in steps
+        for b in batches
+    )
+
+
+# ===================================================================================== matmul peak
+
+
+def matmul_peak(sizes: tuple[int, ...], repeats: int) -> dict:
+    """fp32 ``torch.mm`` FLOP/s of n x n matrices (2 n^3 per product): the best of ``repeats`` timed
+    products after two unmeasured ones, per size; ``peak_flops`` is the best over sizes."""
+    import torch
+
+    best = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(2):
+            torch.mm(a, b)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
+        best[str(n)] = 2.0 * n**3 / min(times)
+    return {"per_size_flops": best, "peak_flops": max(best.values()), "repeats": repeats, "threads": torch.get_num_threads()}
+
+
+# ===================================================================================== engine overhead
+
+
+class EngineRecorder:
+    """Patches align_runner's ``Engine`` in this worker: times every ``fit`` and records every
+    ``train_step``'s micro-batches (CPU tensors, as collated), the engine and the step function, so
+    the same optimizer steps can be replayed afterwards."""
+
+    def __init__(self):
+        from align_runner.engine import loop
+
+        self.steps: list[list[dict]] = []
+        self.fit_seconds: list[float] = []
+        self.engine = None
+        self.step_fn = None
+        self._train_step = loop.Engine.train_step
+        fit, train_step, rec = loop.Engine.fit, loop.Engine.train_step, self
+
+        def recording_train_step(engine, state, step, batches):
+            rec.engine, rec.step_fn = engine, step
+            rec.steps.append(list(batches))
+            return train_step(engine, state, step, batches)
+
+        def timed_fit(engine, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fit(engine, *args, **kwargs)
+            finally:
+                rec.fit_seconds.append(time.perf_counter() - t0)
+
+        loop.Engine.train_step = recording_train_step
+        loop.Engine.fit = timed_fit
+
+    def replay_overhead(self, model, *, steps: int, repeats: int) -> dict:
+        """The first ``steps`` recorded optimizer steps on ``model`` (a fresh copy of the input model),
+        (a) through ``Engine.train_step`` and (b) by ``bare_step``, alternating after one unmeasured
+        pass of each; overhead = median over pairs of (a - b) / b."""
+        engine, replayed = self.engine, self.steps[:steps]
+        engine.model = None  # the trained model: free it before the copy's optimizer state is built
+        step = rebind_step(self.step_fn, model)
+        state = engine.setup(model, total_steps=len(replayed))
+        max_grad_norm = float(engine.train.max_grad_norm)
+
+        def through_engine() -> None:
+            for batches in replayed:
+                self._train_step(engine, state, step, batches)
+
+        def bare() -> None:
+            for batches in replayed:
+                bare_step(state, step, batches, max_grad_norm)
+
+        return alternate(through_engine, bare, repeats) | {
+            "optimizer_steps": len(replayed),
+            "micro_batches": sum(len(b) for b in replayed),
+        }
+
+
+def rebind_step(step: Callable, model) -> Callable:
+    """``step`` (a partial of a stage's step function) with its model-bound helpers rebuilt on
+    ``model``: the counted-token LM head (sft, dpo) and the packed reward scores' hook (reward)."""
+    if not isinstance(step, partial):
+        return step
+    from align_runner.models.counted_head import CountedHead
+    from align_runner.stages.reward import TokenScores
+
+    keywords = dict(step.keywords)
+    for key, value in step.keywords.items():
+        if isinstance(value, CountedHead):
+            keywords[key] = CountedHead(model, value.chunk_size)
+        elif isinstance(value, TokenScores):
+            keywords[key] = TokenScores(model)
+    return partial(step.func, *step.args, **keywords)
+
+
+def bare_step(state, step, batches: list[dict], max_grad_norm: float) -> None:
+    """One optimizer step with nothing but PyTorch: each micro-batch's loss (a mean over its
+    num_items) weighted by its share of the step's items, backward, clip, step, zero_grad."""
+    import torch
+
+    state.model.train()
+    total = sum(float(b["num_items"]) for b in batches)
+    for b in batches:
+        out = step(state.model, b)
+        (out.loss * (float(b["num_items"]) / total)).backward()
+    torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_grad_norm)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+
+
+def alternate(engine_fn: Callable[[], None], bare_fn: Callable[[], None], repeats: int) -> dict:
+    """``engine_fn`` and ``bare_fn`` timed alternately ``repeats`` times each, after one unmeasured
+    call of each (allocator and kernel warm-up); the overhead of each pair and their median, in %."""
+
+    def seconds(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    engine_fn(), bare_fn()
+    engine_s, bare_s = [], []
+    for _ in range(repeats):
+        engine_s.append(seconds(engine_fn))
+        bare_s.append(seconds(bare_fn))
+    pairs = [100.0 * (a - b) / b for a, b in zip(engine_s, bare_s)]
+    return {"engine_s": engine_s, "bare_s": bare_s, "pairs_pct": pairs, "median_pct": statistics.median(pairs)}
