@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 import align_runner
 from align_runner.config import register_configs
+from align_runner.redact import hide_secret_overrides
 from align_runner.validate import (
     CONF_DIR,
     ConfigError,
@@ -206,6 +207,9 @@ def main() -> None:
     if {"-sc", "--shell-completion"} & set(argv):
         _shell_completion(argv)
         return
+    # a secret typed as an override reaches the job by environment: Hydra's records never hold it
+    argv, secrets = hide_secret_overrides(argv)
+    os.environ.update(secrets)
     try:
         check_override_keys(_overrides(argv), config_dirs(argv))
         multirun = "-m" in argv or "--multirun" in argv
@@ -269,6 +273,7 @@ def _task(cfg: DictConfig) -> float | None:
     from align_runner.data.errors import DataError
     from align_runner.pipeline.datacheck import check_data
     from align_runner.pipeline.runner import run_pipeline
+    from align_runner.pipeline.store import StoreError
     from align_runner.pipeline.summary import print_summary
 
     try:
@@ -287,6 +292,10 @@ def _task(cfg: DictConfig) -> float | None:
         return None
     try:
         result = run_pipeline(cfg, run_dir)
+    except StoreError as e:  # disk full, read-only store, lock wait timed out: exit 1, one line
+        _record_failure(e, exitcode=1)
+        print(f"align_runner: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except DataError as e:  # found by data_prep: a split emptied by filtering, a hub dataset read only there
         _input_error("data", e)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -430,6 +430,8 @@ class PipelineConfig:
     dry_run: bool = False
     # metric returned to Hydra sweepers: "<stage>/<metric>"
     objective: str = "eval_after/accuracy"
+    # seconds to wait for another job computing the same stage (its lock); null: wait as long as it runs
+    lock_timeout: Optional[float] = None
 
 
 @dataclass

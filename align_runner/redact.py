@@ -54,3 +54,41 @@ def redact_text(text: str, environ: Mapping[str, str] | None = None) -> str:
     for s in secret_values(environ):
         text = text.replace(s, MASK)
     return text
+
+
+# a secret typed on the command line is handed to the job through this environment variable prefix
+SECRET_ENV_PREFIX = "ALIGN_RUNNER_SECRET_"
+
+
+def is_secret_key(dotted: str) -> bool:
+    """Whether a config key (``tracking.api_key``, ``+model.source.token``) holds a secret."""
+    return bool(_SECRET_KEY.match(dotted.lstrip("+~").rsplit(".", 1)[-1]))
+
+
+def hide_secret_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(the overrides with each secret value replaced by an environment reference, those variables).
+
+    Hydra records the command line itself — ``.hydra/overrides.yaml``, ``hydra.yaml``, ``config.yaml``,
+    ``multirun.yaml``, the ``#0 : ...`` lines of a sweep — before any code of ours runs. So a secret
+    override (``tracking.api_key=abc``) becomes ``tracking.api_key=${oc.env:ALIGN_RUNNER_SECRET_TRACKING_API_KEY}``
+    and the value travels in that variable (set in this process, inherited by torchrun's ranks): every
+    record holds the reference, the resolved config the job reads holds the key, and the variable's
+    name marks its value secret for :func:`redact_text`. Values that already are references stay.
+    """
+    out, env = [], {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not is_secret_key(key) or value.startswith("${") or value in ("", "null"):
+            out.append(override)
+            continue
+        var = SECRET_ENV_PREFIX + re.sub(r"\W", "_", key.lstrip("+~")).upper()
+        env[var] = _unquote(value)
+        out.append(f"{key}=${{oc.env:{var}}}")
+    return out, env
+
+
+def _unquote(value: str) -> str:
+    """The string Hydra's grammar reads from a quoted value ('a b' or "a b"); a bare one as it is."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    return value

@@ -211,7 +211,7 @@ def stage_config(cfg: DictConfig, spec: StageSpec, views: list[str]) -> dict[str
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.pop("name", None)
     # a local base model enters by its content, not its path: the same checkpoint anywhere, one key
-    model["source"] = source_fingerprint(model["source"])
+    model["source"] = source_fingerprint(model["source"], cache_dir=cfg.paths.cache)
     if spec.kind == "data_prep":
         # Sources enter the key through their content fingerprint, not their path, so the same files
         # in another checkout share the cache. The tokenizer comes from the base model.

@@ -6,11 +6,13 @@ config). Only the main process writes to the store and the run dir.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 import align_runner
 from align_runner.engine.backend import get_backend
 from align_runner.engine.checkpoint import seed_everything
-from align_runner.fsutil import atomic_write_json
+from align_runner.fsutil import atomic_write_json, disk_error_message
 from align_runner.pipeline.graph import build_graph, data_views, stage_config
 from align_runner.pipeline.keys import stage_key
 from align_runner.pipeline.rundir import RUN_MANIFEST, link_stage
-from align_runner.pipeline.store import StageStore
+from align_runner.pipeline.store import StageStore, StoreError
 from align_runner.redact import redact
 from align_runner.registry import get_stage
 from align_runner.stages.context import StageContext, StageSpec
@@ -136,9 +138,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
     records: list[StageRecord] = []
     sharding: dict[str, Any] = {}
     if backend.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(resolved)))
+        with _disk_errors("run dir", run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(resolved)))
 
     for p in stages:
         t0 = time.perf_counter()
@@ -147,19 +150,24 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
         if hit:
             log.info("stage %-12s %s  cache hit (%s)", p.spec.name, p.key[:12], stage_dir)
             metrics = store.manifest(p.spec.kind, p.key)["metrics"]
+            if backend.is_main:
+                store.tidy(p.spec.kind, p.key)
         else:
             if base_model is None:
                 base_model = _resolve_base_model(cfg, backend)
-            metrics, hit, evidence = _compute(cfg, p, store, backend, dirs, base_model, run_dir)
+            with _disk_errors(f"stage {p.spec.name!r}", stage_dir):
+                metrics, hit, evidence = _compute(cfg, p, store, backend, dirs, base_model, run_dir)
             # run.json shows what the backend did to the last trained model (its policy's wrapping)
             sharding = next(iter(evidence.values()), sharding)
         dirs[p.spec.name] = stage_dir
         records.append(StageRecord(p.spec.name, p.spec.kind, p.key, str(stage_dir), hit, time.perf_counter() - t0, metrics))
         if backend.is_main:
-            link_stage(run_dir, p.spec.name, stage_dir)
+            with _disk_errors("run dir", run_dir):
+                link_stage(run_dir, p.spec.name, stage_dir)
     objective = _objective(cfg, records)
     if backend.is_main:
-        atomic_write_json(run_dir / RUN_MANIFEST, redact(_run_manifest(cfg, records, objective, backend, sharding)))
+        with _disk_errors("run dir", run_dir):
+            atomic_write_json(run_dir / RUN_MANIFEST, redact(_run_manifest(cfg, records, objective, backend, sharding)))
         try:
             from align_runner.report import write_report  # the report sits above the pipeline layer
 
@@ -169,13 +177,25 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
     return RunResult(run_dir, records, objective)
 
 
+@contextlib.contextmanager
+def _disk_errors(where: str, path: Path) -> Iterator[None]:
+    """A full disk or a read-only / forbidden path becomes a one-line StoreError naming the path and
+    the cause; every other error passes as it is."""
+    try:
+        yield
+    except OSError as e:
+        message = disk_error_message(e, where, path)
+        if message is None:
+            raise
+        raise StoreError(message) from e
+
+
 def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model, run_dir):
     """Compute one stage under the store lock: (its metrics, whether another job made them, the backend
     evidence of each model it trained)."""
-    lock = store.lock(p.spec.kind, p.key) if backend.is_main else None
-    if lock is not None:
-        lock.acquire()
-    try:
+    timeout = cfg.pipeline.get("lock_timeout")
+    locked = store.computing(p.spec.kind, p.key, stage=p.spec.name, timeout=timeout) if backend.is_main else contextlib.nullcontext()
+    with locked:
         # a parallel sweep job may have finished it while we waited for the lock
         if store.is_done(p.spec.kind, p.key) and not p.forced:
             log.info("stage %-12s %s  computed by another job meanwhile; reusing", p.spec.name, p.key[:12])
@@ -221,9 +241,6 @@ def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model,
             )
         backend.barrier()
         return metrics, False, evidence
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _check_ranks_agree(backend, stages: list[PlannedStage]) -> None:
