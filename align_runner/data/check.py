@@ -26,7 +26,7 @@ class DataProblems(DataError):
 
     def __init__(self, problems: Sequence[DataError | str], total: int | None = None) -> None:
         total = len(problems) if total is None else total
-        self.lines = [" ".join(str(p).split()) for p in problems[:MAX_SHOWN]]  # one line each, always
+        self.lines = [" ".join(str(p).splitlines()) for p in problems[:MAX_SHOWN]]  # one line each, always
         if total > len(self.lines):
             self.lines.append(f"and {total - len(self.lines)} more")
         super().__init__("\n".join(self.lines))
