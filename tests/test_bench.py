@@ -1,74 +1,165 @@
-"""scripts/bench: the --quick smoke runs produce their results (run.py's GRPO case, align_runner side;
-ppo.py's time split and engine overhead)."""
+"""scripts/bench: the FLOP count and data generation by hand; the --quick smoke runs of every case
+(run.py all, align_runner side: results, units, FLOP/s, engine overhead, token counts), one case with
+both sides when TRL is installed; ppo.py's time split and engine overhead."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "scripts" / "bench"
+sys.path.insert(0, str(BENCH))
+
+import chat_data  # noqa: E402
+import measure  # noqa: E402
+
+CASES = ["sft", "sft_packed", "reward", "dpo", "grpo"]
 
 
-def test_grpo_quick_align_runner(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def bench(args: list[str], out: Path, script: str = "run.py") -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "bench" / "run.py"),
-            "grpo",
-            "--quick",
-            "--repeats",
-            "1",
-            "--only",
-            "align_runner",
-            "--threads",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=tmp_path,  # the script finds the repo and writes only under --out and a temp dir
-        env=env,
+        [sys.executable, str(BENCH / script), *args, "--threads", "1", "--out", str(out)],
+        cwd=out,  # the script finds the repo and writes only under --out and temp dirs
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads((tmp_path / "grpo-quick.json").read_text())
-    ar = res["summary"]["align_runner"]
-    assert ar["per_s"] > 0 and ar["peak_rss_mib"] > 0
-    assert "trl" not in res["summary"] and "ratio" not in res["summary"]
-    (run,) = res["runs"]
-    assert run["steps"] == res["settings"]["steps"] == 2
-    assert run["units"] == 2 * 4 * 8  # steps x prompts per step x generations
-    assert (tmp_path / "grpo-quick.md").read_text().startswith("# grpo (quick)")
+    return proc
+
+
+# ===================================================================================== by hand
+
+TINY = {"num_hidden_layers": 2, "hidden_size": 4, "vocab_size": 10, "non_embedding_parameters": 100}
+
+
+def test_sequence_flops_by_hand():
+    # 6*100*3 (weights) + 12*2*4*3^2 (attention) + 6*4*10*2 (LM head on 2 positions)
+    assert measure.sequence_flops(TINY, 3, 2) == 1800 + 864 + 480
+
+
+def test_steps_flops_counts_real_tokens_and_trained_positions():
+    # a padded SFT batch: rows of 3 and 2 real tokens; labels train 3 positions (the first column never counts)
+    padded = {
+        "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+        "labels": torch.tensor([[-100, 5, 6], [-100, 7, -100]]),
+    }
+    # a packed preference row: sequences 0 (2 tokens) and 1 (3 tokens), one pad; 3 response positions
+    packed = {
+        "sequence_ids": torch.tensor([[0, 0, 1, 1, 1, -1]]),
+        "loss_mask": torch.tensor([[0, 1, 0, 1, 1, 0]]),
+    }
+    assert measure.batch_sequences(padded) == [3, 2] and measure.logit_positions(padded) == 3
+    assert measure.batch_sequences(packed) == [2, 3] and measure.logit_positions(packed) == 3
+    want = (
+        measure.sequence_flops(TINY, 3, 0) + measure.sequence_flops(TINY, 2, 0) + 6 * 4 * 10 * 3
+        + measure.sequence_flops(TINY, 2, 0) + measure.sequence_flops(TINY, 3, 0) + 6 * 4 * 10 * 3
+    )
+    assert measure.steps_flops(TINY, [[padded], [packed]]) == want
+
+
+def test_alternate_reports_each_pair_and_their_median():
+    calls = []
+    out = measure.alternate(lambda: calls.append("engine"), lambda: calls.append("bare"), repeats=3)
+    # one unmeasured call of each, then alternating
+    assert calls == ["engine", "bare"] * 4
+    assert out["pairs_pct"] == [100 * (a - b) / b for a, b in zip(out["engine_s"], out["bare_s"])]
+    assert out["median_pct"] == sorted(out["pairs_pct"])[1]
+
+
+def test_spread_covers_the_range_evenly():
+    targets = chat_data.spread(5, 20, 400, random.Random(0))
+    assert sorted(targets) == [20, 115, 210, 305, 400]
+
+
+class WordTokenizer:
+    """Stand-in tokenizer: one token per whitespace-separated piece of the rendered chat."""
+
+    def apply_chat_template(self, messages, tokenize=False):
+        return " ".join(f"<{m['role']}> {m['content']} </s>" for m in messages)
+
+    def encode(self, text, add_special_tokens=False):
+        return text.split()
+
+
+def test_generated_rows_reach_their_target_lengths():
+    tok = WordTokenizer()
+    rows, lengths = chat_data.sft_rows(tok, 8, 20, 100, seed=0)
+    # 4 template tokens + the words: every target is reachable exactly
+    assert sorted(lengths) == sorted(chat_data.spread(8, 20, 100, random.Random(0)))
+    assert [chat_data.conversation_tokens(tok)(r["prompt"] + r["completion"]) for r in rows] == lengths
+    pairs, pair_lengths = chat_data.preference_rows(tok, 8, 20, 100, seed=0)
+    for row, (chosen, rejected) in zip(pairs, pair_lengths):
+        assert chosen != rejected and set(row) == {"prompt", "chosen", "rejected"}
+        assert chat_data.conversation_tokens(tok)(row["prompt"] + row["rejected"]) == rejected
+
+
+# ===================================================================================== smoke runs
+
+
+def test_suite_quick_align_runner(tmp_path):
+    bench(["all", "--quick", "--repeats", "1", "--only", "align_runner"], tmp_path)
+    suite = json.loads((tmp_path / "suite-quick.json").read_text())
+    assert list(suite["cases"]) == CASES and suite["matmul_peak"]["peak_flops"] > 0
+    units = {"sft": "tokens", "sft_packed": "tokens", "reward": "pairs", "dpo": "pairs", "grpo": "completions"}
+    for name, row in suite["cases"].items():
+        assert row["unit"] == units[name]
+        assert row["ratio"] is None and row["ratio_pairs"] is None and row["peak_rss_ratio"] is None  # no TRL side
+        assert row["flops_per_s"] > 0 and 0 < row["peak_share"] == pytest.approx(row["flops_per_s"] / suite["matmul_peak"]["peak_flops"])
+        assert isinstance(row["overhead_pct"], float)
+    md = (tmp_path / "suite-quick.md").read_text()
+    assert all(f"| {name} | " in md for name in CASES)
+
+    for name in CASES:
+        res = json.loads((tmp_path / f"{name}-quick.json").read_text())
+        assert (tmp_path / f"{name}-quick.md").read_text().startswith(f"# {name} (quick)")
+        assert set(res["summary"]) == {"align_runner"}
+        (run,) = res["runs"]
+        a = res["summary"]["align_runner"]
+        assert a["flops_per_s"] == pytest.approx(run["flops"] / run["seconds"]) and a["per_s"] == run["units"] / run["seconds"]
+        o = a["overhead"]
+        assert len(o["engine_s"]) == len(o["bare_s"]) == 2 and min(o["engine_s"] + o["bare_s"]) > 0
+        assert o["median_pct"] == pytest.approx(sum(o["pairs_pct"]) / 2)
+        data = res["data"]
+        if name == "grpo":
+            assert run["steps"] == 2 and run["units"] == 2 * 4 * 8  # steps x prompts per step x generations
+            continue
+        # the generated rows span the range, and the engine trained on each exactly once: its batches'
+        # real tokens are the rendered rows' less the template's trailing newline, which align_runner drops
+        assert data["min"] <= 40 and data["max"] >= 395
+        assert run["tokens_trained"] == data["tokens"] - data["sequences"]
+        assert run["units"] == (data["tokens"] if units[name] == "tokens" else data["pairs"])
+        assert data["sequences"] == (16 if units[name] == "tokens" else 2 * 16)  # --quick: 16 rows / pairs
+        assert run["steps"] == (1 if name == "sft_packed" else 2)  # 16 rows: 2 steps of 8; packed: TRL's 1 step
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is not installed")
+def test_sft_quick_both_sides_gives_ratios(tmp_path):
+    bench(["sft", "--quick", "--repeats", "1"], tmp_path)
+    res = json.loads((tmp_path / "sft-quick.json").read_text())
+    s = res["summary"]
+    assert s["ratio"]["per_s"] == pytest.approx(s["align_runner"]["per_s"] / s["trl"]["per_s"])
+    assert s["ratio"]["pairs"] == [pytest.approx(s["ratio"]["per_s"])]
+    assert s["ratio"]["peak_rss_mib"] == pytest.approx(s["align_runner"]["peak_rss_mib"] / s["trl"]["peak_rss_mib"])
+    trl, ar = (next(r for r in res["runs"] if r["side"] == side) for side in ("trl", "align_runner"))
+    # the same rows and units on both sides; TRL feeds the rendered rows as they are
+    assert trl["units"] == ar["units"] == res["data"]["tokens"] == trl["tokens_trained"]
+    assert trl["steps"] == ar["steps"] == 2
 
 
 def test_ppo_quick_reports_the_time_split_and_engine_overhead(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "bench" / "ppo.py"),
-            "--quick",
-            "--overhead-repeats",
-            "2",
-            "--threads",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bench(["--quick", "--overhead-repeats", "2"], tmp_path, script="ppo.py")
     res = json.loads((tmp_path / "ppo-quick.json").read_text())
     phases = ("generation", "scoring", "reference", "values", "update")
     assert [r["rollout"] for r in res["rollouts"]] == [1, 2]  # --quick: 2 rollouts

@@ -56,7 +56,7 @@ class Case:
     unit: str
     # settings shared by both sides: settings(args) -> dict (written into the spec)
     settings: Callable[[argparse.Namespace], dict]
-    # runs in a worker process: prepare(spec) -> extra spec entries (model dir, data files, token counts)
+    # runs in a worker process: prepare(spec) -> extra spec entries (data files, token counts)
     prepare: Callable[[dict], dict]
     # side -> worker(spec) -> {"seconds": training wall time, "units": work done, ...}; each in its own process
     workers: dict[str, Callable[[dict], dict]]

@@ -33,7 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from cases import dpo, grpo, reward, sft
-from common import RESULTS, SIDES, Case, code_fingerprint, machine, peak_rss_mib, trl_available, worker_env
+from common import (
+    RESULTS,
+    SIDES,
+    Case,
+    build_model,
+    code_fingerprint,
+    machine,
+    peak_rss_mib,
+    trl_available,
+    worker_env,
+)
 from report import case_markdown, suite_markdown, suite_rows
 
 CASES: dict[str, Case] = {
@@ -43,8 +53,10 @@ CASES: dict[str, Case] = {
     "dpo": dpo.CASE,
     "grpo": grpo.CASE,
 }
-# the worker role that measures the matmul peak (no case)
-PEAK = "_peak"
+# worker roles that are no case: the matmul peak, and the model every case of an invocation trains
+PEAK, MODEL = "_peak", "_model"
+# the model's random init
+MODEL_SEED = 0
 
 
 def spawn(case: str, role: str, spec_path: Path, result_path: Path, log: Path, threads: int) -> dict:
@@ -68,6 +80,8 @@ def worker_main(case: str, role: str, spec_path: str, result_path: str) -> None:
         from measure import matmul_peak
 
         out = matmul_peak(tuple(spec["sizes"]), int(spec["repeats"]))
+    elif case == MODEL:
+        out = build_model(spec)
     else:
         c = CASES[case]
         out = (c.prepare if role == "prepare" else c.workers[role])(spec)
@@ -92,7 +106,17 @@ def measure_peak(args: argparse.Namespace) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_case(name: str, args: argparse.Namespace, peak: dict) -> dict:
+def shared_model(args: argparse.Namespace, workdir: Path) -> dict:
+    """The random-init model checkpoint every case of this invocation loads (built once)."""
+    spec = {"quick": bool(args.quick), "threads": args.threads, "settings": {"seed": MODEL_SEED}, "model_dir": str(workdir / "model")}
+    (workdir / "model.json").write_text(json.dumps(spec))
+    print("bench: building the model ...", end=" ", flush=True)
+    out = spawn(MODEL, "prepare", workdir / "model.json", workdir / "model-info.json", workdir / "model.log", args.threads)
+    print(f"{out['model']['parameters'] / 1e6:.1f}M parameters; tokenizer: {out['model']['tokenizer']}", flush=True)
+    return {"model_dir": spec["model_dir"], **out}
+
+
+def run_case(name: str, args: argparse.Namespace, peak: dict, model: dict) -> dict:
     case = CASES[name]
     started = time.perf_counter()
     sides = list(SIDES if args.only is None else [args.only])
@@ -112,13 +136,13 @@ def run_case(name: str, args: argparse.Namespace, peak: dict) -> dict:
             "threads": args.threads,
             "settings": case.settings(args),
             "workdir": str(workdir),
-            "model_dir": str(workdir / "model"),
+            **model,
         }
         spec_path = workdir / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        print(f"bench {name}: building the model and data in {workdir} ...", flush=True)
+        print(f"bench {name}: writing the data in {workdir} ...", flush=True)
         spec.update(spawn(name, "prepare", spec_path, workdir / "prepare.json", workdir / "prepare.log", args.threads))
-        print(f"bench {name}: model: {spec['model']['parameters'] / 1e6:.1f}M parameters; data: {spec.get('data')}")
+        print(f"bench {name}: data: {spec['data']}")
         runs = []
         for r in range(args.repeats):
             for side in sides:
@@ -234,10 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     peak = measure_peak(args)
     results = []
-    for name in CASES if args.case == "all" else [args.case]:
-        res = run_case(name, args, peak)
-        write(args.out, name + suffix, res, case_markdown(res))
-        results.append(res)
+    model_dir = Path(tempfile.mkdtemp(prefix="ar-bench-model-"))
+    try:
+        model = shared_model(args, model_dir)
+        for name in CASES if args.case == "all" else [args.case]:
+            res = run_case(name, args, peak, model)
+            write(args.out, name + suffix, res, case_markdown(res))
+            results.append(res)
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
     if args.case == "all":
         suite = {
             "command": "python scripts/bench/run.py " + " ".join(argv),

@@ -13,7 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import Case, build_model, peak_rss_mib, read_jsonl, write_jsonl
+from common import Case, peak_rss_mib, read_jsonl, write_jsonl
 from measure import FLOP_FORMULA, EngineRecorder, sequence_flops
 
 from cases import offline
@@ -41,7 +41,7 @@ def settings(args: argparse.Namespace) -> dict:
 
 
 def prepare(spec: dict) -> dict:
-    """64 conversational arithmetic prompts, their mean rendered length, and the model checkpoint."""
+    """64 conversational arithmetic prompts and their mean rendered length."""
     from transformers import AutoTokenizer
 
     rng = random.Random(spec["settings"]["seed"])
@@ -51,13 +51,12 @@ def prepare(spec: dict) -> dict:
         rows.append({"prompt": [{"role": "user", "content": f"What is {a} + {b}? Answer with a number."}]})
     prompts = Path(spec["workdir"]) / "prompts.jsonl"
     write_jsonl(prompts, rows)
-    info = build_model(spec)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     lengths = [
         len(tokenizer.encode(tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True), add_special_tokens=False))
         for r in rows
     ]
-    return {"prompts": str(prompts), "data": {"prompts": len(rows), "mean_prompt_tokens": statistics.fmean(lengths)}, **info}
+    return {"prompts": str(prompts), "data": {"prompts": len(rows), "mean_prompt_tokens": statistics.fmean(lengths)}}
 
 
 def trl_worker(spec: dict) -> dict:

@@ -27,7 +27,7 @@ def settings(args: argparse.Namespace, *, rows: int, quick_rows: int, unit_rows:
         "optimizer": "AdamW (0.9, 0.999), eps 1e-8, weight decay 0, constant lr, no warmup, clip 1.0",
         "precision": "fp32 (bf16=False), no gradient checkpointing, CPU, no eval, no saving during training",
         "seed": 0,
-        "overhead_steps": args.overhead_steps or (2 if args.quick else 4),
+        "overhead_steps": args.overhead_steps or 2,
         "overhead_repeats": args.overhead_repeats or (2 if args.quick else 3),
     }
 

@@ -16,7 +16,7 @@ import argparse
 import math
 from pathlib import Path
 
-from common import Case, build_model, read_jsonl, write_jsonl
+from common import Case, read_jsonl, write_jsonl
 
 from cases import offline
 
@@ -38,15 +38,14 @@ def _settings(args: argparse.Namespace, packing: bool) -> dict:
 
 
 def prepare(spec: dict) -> dict:
-    """The model, the chat rows (data.jsonl) and their token counts; for packing, TRL's packed rows
-    per epoch and the rows per align_runner step that match its step count."""
+    """The chat rows (data.jsonl) and their token counts; for packing, TRL's packed rows per epoch
+    and the rows per align_runner step that match its step count."""
     import chat_data
     from transformers import AutoTokenizer
 
     from align_runner.data.pack import best_fit_decreasing
 
     s = spec["settings"]
-    info = build_model(spec)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     rows, lengths = chat_data.sft_rows(tokenizer, s["rows"], *s["row_tokens"], seed=s["seed"])
     data_file = Path(spec["workdir"]) / "data.jsonl"
@@ -58,7 +57,7 @@ def prepare(spec: dict) -> dict:
         divisors = [d for d in range(1, s["rows"] + 1) if s["rows"] % d == 0]
         per_step = min(divisors, key=lambda d: (abs(d - s["rows"] / steps), -d))
         data["packed"] = {"trl_packed_rows": bins, "trl_steps": steps, "align_runner_rows_per_step": per_step}
-    return {**info, "data_file": str(data_file), "data": data}
+    return {"data_file": str(data_file), "data": data}
 
 
 def trl_worker(spec: dict) -> dict:
