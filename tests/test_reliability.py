@@ -141,6 +141,25 @@ def test_a_kill_mid_write_leaves_nothing_once_the_stage_is_rerun(tmp_path, model
     assert all(torch.equal(t, ref[name]) for name, t in weights(sft).items())
 
 
+def test_checkpoints_go_only_after_done_and_a_later_hit_drops_what_a_kill_left(tmp_path, monkeypatch):
+    import align_runner.pipeline.store as store_module
+
+    store, key = StageStore(tmp_path / "store"), "ab" * 32
+    ckpt = store.begin("sft", key, force=False) / "ckpt" / "step-2"
+    ckpt.mkdir(parents=True)
+
+    def killed(path, **_):
+        raise KeyboardInterrupt("killed while deleting checkpoints")
+
+    monkeypatch.setattr(store_module.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.finish("sft", key, {"metrics": {}})
+    assert store.is_done("sft", key) and ckpt.is_dir()  # DONE first: the result is kept
+    monkeypatch.undo()
+    store.tidy("sft", key)  # what the runner does on a cache hit
+    assert _tree(store.stage_dir("sft", key)) == ["DONE", "manifest.json"]
+
+
 def _hold(store: Path, kind: str, key: str) -> subprocess.Popen:
     """Another job computing a stage: holds its lock until killed."""
     code = ("import sys, time\nfrom align_runner.pipeline.store import StageStore\n"
