@@ -122,7 +122,8 @@ def _align_runner_lines(a: dict) -> list[str]:
         f"FLOPs: {a['flop_formula']}.",
         "",
         "Whole stages (also loading and saving the model): "
-        + ", ".join(f"{k} {v:.1f} s" for k, v in a["stage_seconds"].items()) + " (medians).",
+        + ", ".join(f"{k} {v:.1f} s" for k, v in a["stage_seconds"].items()) + " (medians)"
+        + (f"; the reference pass timed: {a['reference_seconds']:.1f} s." if "reference_seconds" in a else "."),
     ]
     o = a.get("overhead")
     if o:

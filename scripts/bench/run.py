@@ -6,13 +6,13 @@
     python scripts/bench/run.py all --quick     # a 2-layer Llama and a few rows: smoke test
     python scripts/bench/run.py dpo --repeats 3 --only align_runner --threads 1
 
-A *case* (``CASES``, one module each in ``cases/``) is one training algorithm measured on both sides:
-``prepare`` builds what both read (model checkpoint, data, settings) once, and one worker per side trains
-on it in a fresh Python process (``run.py _worker <case> <side> <spec> <result>``), timing the training
-part only and reporting its peak RSS. Runs alternate TRL, align_runner, TRL, align_runner ...; the
+A *case* (``CASES``, one module each in ``cases/``) is one training algorithm measured on both sides.
+One first worker measures this machine's fp32 matmul peak (while it is fresh, with the benchmark's
+thread count), then builds the random-init model every case loads and each case's data (its
+``prepare``); then one worker per side and repeat trains in a fresh Python process (``run.py _worker
+<case> <side> <spec> <result>``), timing the training part only and reporting its peak RSS. Runs alternate TRL, align_runner, TRL, align_runner ...; the
 medians go to ``results/<case>.json`` / ``.md`` (``<case>-quick`` with ``--quick``), and with ``all``
-one table of every case to ``results/suite.json`` / ``.md``. The machine's fp32 matmul peak is measured
-once per invocation, in a fresh worker with the same thread count, for align_runner's FLOP/s share.
+one table of every case to ``results/suite.json`` / ``.md``.
 
 TRL is only the peer we measure against (``pip install --no-deps trl`` or the ``bench`` extra); when it
 is not importable the align_runner side still runs.
@@ -53,8 +53,8 @@ CASES: dict[str, Case] = {
     "dpo": dpo.CASE,
     "grpo": grpo.CASE,
 }
-# worker roles that are no case: the matmul peak, and the model every case of an invocation trains
-PEAK, MODEL = "_peak", "_model"
+# the worker (no case) that measures the matmul peak, then builds the model and every case's data
+PREPARE = "_prepare"
 # the model's random init
 MODEL_SEED = 0
 
@@ -76,12 +76,8 @@ def worker_main(case: str, role: str, spec_path: str, result_path: str) -> None:
     import torch
 
     torch.set_num_threads(int(spec["threads"]))
-    if case == PEAK:
-        from measure import matmul_peak
-
-        out = matmul_peak(tuple(spec["sizes"]), int(spec["repeats"]))
-    elif case == MODEL:
-        out = build_model(spec)
+    if case == PREPARE:
+        out = prepare_worker(spec)
     else:
         c = CASES[case]
         out = (c.prepare if role == "prepare" else c.workers[role])(spec)
@@ -92,31 +88,55 @@ def worker_main(case: str, role: str, spec_path: str, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(out, indent=2))
 
 
-def measure_peak(args: argparse.Namespace) -> dict:
-    """This machine's fp32 matmul FLOP/s in a fresh worker with the benchmark's thread count."""
-    workdir = Path(tempfile.mkdtemp(prefix="ar-bench-peak-"))
-    try:
-        spec = {"threads": args.threads, "sizes": [512, 1024] if args.quick else [2048, 4096], "repeats": 3 if args.quick else 5}
-        (workdir / "spec.json").write_text(json.dumps(spec))
-        print("bench: measuring the fp32 matmul peak ...", end=" ", flush=True)
-        peak = spawn(PEAK, "peak", workdir / "spec.json", workdir / "peak.json", workdir / "peak.log", args.threads)
-        print(f"{peak['peak_flops'] / 1e9:.1f} GFLOP/s", flush=True)
-        return peak
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+def prepare_worker(spec: dict) -> dict:
+    """The matmul peak (first, while this process is fresh), the model, and each case's data."""
+    from measure import matmul_peak
+
+    out = {"matmul_peak": matmul_peak(tuple(spec["peak_sizes"]), int(spec["peak_repeats"])), **build_model(spec)}
+    out["cases"] = {}
+    for name, case_spec in spec["cases"].items():
+        Path(case_spec["workdir"]).mkdir(parents=True)
+        out["cases"][name] = CASES[name].prepare({**case_spec, "model": out["model"]})
+    return out
 
 
-def shared_model(args: argparse.Namespace, workdir: Path) -> dict:
-    """The random-init model checkpoint every case of this invocation loads (built once)."""
-    spec = {"quick": bool(args.quick), "threads": args.threads, "settings": {"seed": MODEL_SEED}, "model_dir": str(workdir / "model")}
-    (workdir / "model.json").write_text(json.dumps(spec))
-    print("bench: building the model ...", end=" ", flush=True)
-    out = spawn(MODEL, "prepare", workdir / "model.json", workdir / "model-info.json", workdir / "model.log", args.threads)
-    print(f"{out['model']['parameters'] / 1e6:.1f}M parameters; tokenizer: {out['model']['tokenizer']}", flush=True)
-    return {"model_dir": spec["model_dir"], **out}
+def prepare(args: argparse.Namespace, names: list[str], workdir: Path) -> tuple[dict, dict[str, dict]]:
+    """One worker, with the benchmark's thread count: this machine's fp32 matmul FLOP/s, the random-init
+    model every case loads, and every case's data. Returns (peak, {case: its spec})."""
+    model_dir = str(workdir / "model")
+    cases = {
+        name: {
+            "case": name,
+            "quick": bool(args.quick),
+            "threads": args.threads,
+            "settings": CASES[name].settings(args),
+            "workdir": str(workdir / name),
+            "model_dir": model_dir,
+        }
+        for name in names
+    }
+    spec = {
+        "quick": bool(args.quick),
+        "threads": args.threads,
+        "settings": {"seed": MODEL_SEED},
+        "model_dir": model_dir,
+        "peak_sizes": [512, 1024] if args.quick else [2048, 4096],
+        "peak_repeats": 3 if args.quick else 5,
+        "cases": cases,
+    }
+    (workdir / "prepare.json").write_text(json.dumps(spec))
+    print(f"bench: measuring the matmul peak, building the model and data in {workdir} ...", flush=True)
+    out = spawn(PREPARE, "prepare", workdir / "prepare.json", workdir / "prepared.json", workdir / "prepare.log", args.threads)
+    peak = out["matmul_peak"]
+    print(
+        f"bench: fp32 matmul peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s; model: {out['model']['parameters'] / 1e6:.1f}M "
+        f"parameters, tokenizer: {out['model']['tokenizer']}",
+        flush=True,
+    )
+    return peak, {name: {**spec, "model": out["model"], **out["cases"][name]} for name, spec in cases.items()}
 
 
-def run_case(name: str, args: argparse.Namespace, peak: dict, model: dict) -> dict:
+def run_case(name: str, args: argparse.Namespace, peak: dict, spec: dict) -> dict:
     case = CASES[name]
     started = time.perf_counter()
     sides = list(SIDES if args.only is None else [args.only])
@@ -128,43 +148,25 @@ def run_case(name: str, args: argparse.Namespace, peak: dict, model: dict) -> di
         if not sides:
             raise SystemExit("bench: nothing to run")
     info = machine()
-    workdir = Path(tempfile.mkdtemp(prefix=f"ar-bench-{name}-"))
-    try:
-        spec = {
-            "case": name,
-            "quick": bool(args.quick),
-            "threads": args.threads,
-            "settings": case.settings(args),
-            "workdir": str(workdir),
-            **model,
-        }
-        spec_path = workdir / "spec.json"
-        spec_path.write_text(json.dumps(spec))
-        print(f"bench {name}: writing the data in {workdir} ...", flush=True)
-        spec.update(spawn(name, "prepare", spec_path, workdir / "prepare.json", workdir / "prepare.log", args.threads))
-        print(f"bench {name}: data: {spec['data']}")
-        runs = []
-        for r in range(args.repeats):
-            for side in sides:
-                run_dir = workdir / f"run-{r}-{side}"
-                run_dir.mkdir()
-                # the overhead replay costs minutes at full size: once, in the last repeat
-                run_spec = {**spec, "run_dir": str(run_dir), "measure_overhead": r == args.repeats - 1}
-                (run_dir / "spec.json").write_text(json.dumps(run_spec))
-                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-                print(f"bench {name}: repeat {r + 1}/{args.repeats} {side} ...", end=" ", flush=True)
-                out = spawn(name, side, run_dir / "spec.json", run_dir / "result.json", workdir / f"run-{r}-{side}.log", args.threads)
-                out.update(side=side, repeat=r, loadavg_before=load, per_s=out["units"] / out["seconds"])
-                print(f"{out['per_s']:.2f} {case.unit}/s, {out['seconds']:.1f} s, peak RSS {out['peak_rss_mib']:.0f} MiB", flush=True)
-                runs.append(out)
-                if not args.keep:
-                    shutil.rmtree(run_dir, ignore_errors=True)  # a 135M run's saved model: ~0.5 GB
-        result = summarise(name, case, spec, info, runs, sides, peak)
-    finally:
-        if args.keep:
-            print(f"bench: kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    workdir = Path(spec["workdir"])
+    print(f"bench {name}: data: {spec['data']}")
+    runs = []
+    for r in range(args.repeats):
+        for side in sides:
+            run_dir = workdir / f"run-{r}-{side}"
+            run_dir.mkdir()
+            # the overhead replay costs minutes at full size: once, in the last repeat
+            run_spec = {**spec, "run_dir": str(run_dir), "measure_overhead": r == args.repeats - 1}
+            (run_dir / "spec.json").write_text(json.dumps(run_spec))
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            print(f"bench {name}: repeat {r + 1}/{args.repeats} {side} ...", end=" ", flush=True)
+            out = spawn(name, side, run_dir / "spec.json", run_dir / "result.json", workdir / f"run-{r}-{side}.log", args.threads)
+            out.update(side=side, repeat=r, loadavg_before=load, per_s=out["units"] / out["seconds"])
+            print(f"{out['per_s']:.2f} {case.unit}/s, {out['seconds']:.1f} s, peak RSS {out['peak_rss_mib']:.0f} MiB", flush=True)
+            runs.append(out)
+            if not args.keep:
+                shutil.rmtree(run_dir, ignore_errors=True)  # a 135M run's saved model: ~0.5 GB
+    result = summarise(name, case, spec, info, runs, sides, peak)
     result["notes"] = notes
     result["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     result["total_seconds"] = time.perf_counter() - started
@@ -195,6 +197,8 @@ def summarise(name: str, case: Case, spec: dict, info: dict, runs: list[dict], s
         a["flop_formula"] = mine[0]["flop_formula"]
         a["overhead"] = next((r["overhead"] for r in reversed(mine) if r.get("overhead")), None)
         a["stage_seconds"] = {k: statistics.median(r["stage_seconds"][k] for r in mine) for k in mine[0]["stage_seconds"]}
+        if "reference_seconds" in mine[0]:  # dpo: the reference pass, part of the timed seconds
+            a["reference_seconds"] = statistics.median(r["reference_seconds"] for r in mine)
     if "trl" in summary and "align_runner" in summary:
         a, t = summary["align_runner"], summary["trl"]
         summary["ratio"] = {
@@ -256,17 +260,19 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     suffix = "-quick" if args.quick else ""
     started = time.perf_counter()
-    peak = measure_peak(args)
     results = []
-    model_dir = Path(tempfile.mkdtemp(prefix="ar-bench-model-"))
+    workdir = Path(tempfile.mkdtemp(prefix="ar-bench-"))
     try:
-        model = shared_model(args, model_dir)
-        for name in CASES if args.case == "all" else [args.case]:
-            res = run_case(name, args, peak, model)
+        peak, specs = prepare(args, list(CASES) if args.case == "all" else [args.case], workdir)
+        for name, spec in specs.items():
+            res = run_case(name, args, peak, spec)
             write(args.out, name + suffix, res, case_markdown(res))
             results.append(res)
     finally:
-        shutil.rmtree(model_dir, ignore_errors=True)
+        if args.keep:
+            print(f"bench: kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     if args.case == "all":
         suite = {
             "command": "python scripts/bench/run.py " + " ".join(argv),
