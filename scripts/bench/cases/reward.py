@@ -14,7 +14,7 @@ from cases import offline, preference
 
 
 def settings(args: argparse.Namespace) -> dict:
-    s = offline.settings(args, rows=24, quick_rows=16, unit_rows="preference pairs (explicit prompt)")
+    s = offline.settings(args, rows=16, quick_rows=16, unit_rows="preference pairs (explicit prompt)")
     offline.check_rows(s)
     s["loss"] = "Bradley-Terry, -log sigmoid(r_chosen - r_rejected), no centering"
     s["logits"] = "none: a score head (hidden x 1) at every position, read at the last real token"
