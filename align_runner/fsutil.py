@@ -61,6 +61,22 @@ def remove_temps(root: Path) -> list[Path]:
     return removed
 
 
+# safetensors (which writes model weights) reports an OS error as its own exception, whose message
+# ends "... (os error 28)"
+_WRAPPED_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error(error: BaseException) -> OSError | None:
+    """``error`` as an OSError: itself, or the OS error a library wrapped in its own type."""
+    if isinstance(error, OSError):
+        return error
+    found = _WRAPPED_OS_ERROR.search(str(error))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
+
+
 def disk_error_message(error: OSError, where: str, fallback: Path) -> str | None:
     """One line naming the path and the cause of a disk error (no space, read-only, permission), or
     None when ``error`` is some other OSError. A failed ``write()`` carries no file name: ``fallback``

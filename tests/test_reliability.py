@@ -235,3 +235,33 @@ def test_a_read_only_store_is_one_line_naming_it(tmp_path, model_cache):
             _run(tiny_overrides(tmp_path / "outputs", model_cache))
     finally:
         store.chmod(0o755)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 512 KiB tmpfs (root with mount rights only): room for data_prep, not for a model."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root with mount rights)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_really_full_disk_during_the_weights_write_is_one_line(tmp_path, model_cache, small_disk):
+    # safetensors reports ENOSPC as its own exception type, not an OSError: it must read the same
+    out = small_disk / "outputs"
+    with pytest.raises(StoreError, match=r"^stage 'sft': cannot write \S+: No space left on device \[ENOSPC\]; "):
+        _run(tiny_overrides(out, model_cache))
+    sft = stage_dir(out, "sft")
+    assert not (sft / DONE).exists() and _temps(out / "store") == []
+
+
+def test_a_really_read_only_store_is_one_line(tmp_path, model_cache, small_disk):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    # the run dir under paths.outputs is the first thing written
+    with pytest.raises(StoreError, match=rf"^run dir: cannot write {re.escape(str(small_disk))}/\S+: Read-only file system \[EROFS\]; "):
+        _run(tiny_overrides(small_disk / "outputs", model_cache))

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 import align_runner
 from align_runner.engine.backend import get_backend
 from align_runner.engine.checkpoint import seed_everything
-from align_runner.fsutil import atomic_write_json, disk_error_message
+from align_runner.fsutil import atomic_write_json, disk_error_message, os_error
 from align_runner.pipeline.graph import build_graph, data_views, stage_config
 from align_runner.pipeline.keys import stage_key
 from align_runner.pipeline.rundir import RUN_MANIFEST, link_stage
@@ -183,8 +183,9 @@ def _disk_errors(where: str, path: Path) -> Iterator[None]:
     the cause; every other error passes as it is."""
     try:
         yield
-    except OSError as e:
-        message = disk_error_message(e, where, path)
+    except Exception as e:
+        wrapped = os_error(e)
+        message = None if wrapped is None else disk_error_message(wrapped, where, path)
         if message is None:
             raise
         raise StoreError(message) from e
