@@ -7,10 +7,14 @@ Built-in stages register with ``@register_stage``; third-party packages add kind
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
+
+# What a kind produces: the metric names, or a function of (composed config, StageSpec) giving them
+# when they depend on the config (an eval stage's checkers, an online stage's reward functions).
+Metrics = tuple[str, ...] | Callable[[Any, Any], Iterable[str]]
 
 # Modules holding the built-in stages; imported lazily so `--help` and config checks stay fast.
 _BUILTIN_MODULES = (
@@ -20,6 +24,7 @@ _BUILTIN_MODULES = (
     "align_runner.stages.reward",
     "align_runner.stages.ref_logps",
     "align_runner.stages.dpo",
+    "align_runner.stages.kto",
     "align_runner.stages.grpo",
     "align_runner.stages.ppo",
 )
@@ -57,6 +62,9 @@ class StageKind:
     inputs: role -> ``Input``: what else it reads. Its key covers each input's key, and the stage's
     context hands it exactly these (plus ``data`` and ``model``), nothing else.
     key_metrics: metrics worth a column in the end-of-run table, in order.
+    metrics: every metric it can report (``Metrics``), so a ``pipeline.objective`` naming one it never
+    reports fails at compose time. None: undeclared (a third-party kind), and an objective on it is
+    not checked.
     check: ``check(cfg, spec)``, run when the graph is built (before any model loads): raises a
     ConfigError for settings of this kind that cannot work together.
     """
@@ -69,6 +77,13 @@ class StageKind:
     inputs: Mapping[str, Input] = field(default_factory=dict)
     key_metrics: tuple[str, ...] = ()
     check: Callable[[Any, Any], None] | None = None
+    metrics: Metrics | None = None
+
+    def produces(self, cfg: Any, spec: Any) -> set[str] | None:
+        """The metric names this kind reports as stage ``spec`` of ``cfg``; None when undeclared."""
+        if self.metrics is None:
+            return None
+        return set(self.metrics(cfg, spec) if callable(self.metrics) else self.metrics)
 
 
 _STAGES: dict[str, StageKind] = {}
@@ -84,13 +99,16 @@ def register_stage(
     inputs: Mapping[str, Input] | None = None,
     key_metrics: tuple[str, ...] = (),
     check: Callable[[Any, Any], None] | None = None,
+    metrics: Metrics | None = None,
 ):
     """Decorator registering a stage function under ``name`` (fields as in ``StageKind``)."""
 
     def deco(fn):
         if name in _STAGES and _STAGES[name].fn is not fn:
             raise ValueError(f"stage kind {name!r} is registered twice ({_STAGES[name].fn} and {fn})")
-        _STAGES[name] = StageKind(name, fn, trains, tuple(views), policy, dict(inputs or {}), tuple(key_metrics), check)
+        _STAGES[name] = StageKind(
+            name, fn, trains, tuple(views), policy, dict(inputs or {}), tuple(key_metrics), check, metrics
+        )
         return fn
 
     return deco
