@@ -192,6 +192,7 @@ COMMANDS = {
     "reward": "align_runner.trl.cli",
     "grpo": "align_runner.trl.cli",
     "export": "align_runner.export",
+    "recipes": "align_runner.recipes",
 }
 
 
@@ -206,6 +207,13 @@ def main() -> None:
         return
     if {"-sc", "--shell-completion"} & set(argv):
         _shell_completion(argv)
+        return
+    if {"-h", "--help"} & set(argv):
+        try:
+            print(_help(argv))
+        except ConfigError as e:
+            print(f"align_runner: config error: {e}", file=sys.stderr)
+            sys.exit(2)
         return
     # a secret typed as an override reaches the job by environment: Hydra's records never hold it
     argv, secrets = hide_secret_overrides(argv)
@@ -229,6 +237,24 @@ def main() -> None:
     except SystemExit as e:
         _record_failure(e)
         raise
+
+
+def _help(argv: list[str]) -> str:
+    """Hydra's app help, from our template (conf/hydra/help), listing only the options a user can pick:
+    the YAML files of every search folder, not the structured schemas they build on (``*_schema``)."""
+    import string
+
+    from omegaconf import OmegaConf
+
+    from align_runner.api import compose
+
+    overrides, dirs = [a for a in _overrides(argv) if a not in ("-h", "--help")], config_dirs(argv)
+    check_override_keys(overrides, dirs)
+    cfg = compose(overrides, config_dirs=dirs)
+    help_node = OmegaConf.create({"hydra": {"help": OmegaConf.load(CONF_DIR / "hydra" / "help" / "align_runner.yaml")}})
+    groups = group_options(search_dirs(overrides, dirs))
+    listing = "\n".join(f"{g}: {', '.join(groups[g])}" for g in sorted(groups) if groups[g])
+    return string.Template(help_node.hydra.help.template).substitute(APP_CONFIG_GROUPS=listing, CONFIG=OmegaConf.to_yaml(cfg))
 
 
 def _shell_completion(argv: list[str]) -> None:
@@ -271,6 +297,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def _task(cfg: DictConfig) -> float | None:
     from align_runner.data.errors import DataError
+    from align_runner.models.loading import ModelSourceError
     from align_runner.pipeline.datacheck import check_data
     from align_runner.pipeline.runner import run_pipeline
     from align_runner.pipeline.store import StoreError
@@ -298,6 +325,8 @@ def _task(cfg: DictConfig) -> float | None:
         sys.exit(1)
     except DataError as e:  # found by data_prep: a split emptied by filtering, a hub dataset read only there
         _input_error("data", e)
+    except ModelSourceError as e:  # a model that is not where the config says: offline, misspelt, gated
+        _input_error("model", e)
     if int(os.environ.get("RANK", 0)) == 0:
         print_summary(cfg, result)
     return result.objective

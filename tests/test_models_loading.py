@@ -201,3 +201,21 @@ def test_build_dir_once_waiters_reuse_the_first_build(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert len(calls) == 1 and (tmp_path / "x" / "done").is_file()
+
+
+def test_an_unreachable_hub_model_is_one_line_and_exit_2_before_any_stage(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty cache, no network
+    run = subprocess.run(
+        [sys.executable, "-m", "align_runner", "model=local", "model.source.name_or_path=nobody/absent-model",
+         f"paths.outputs={tmp_path / 'out'}", "pipeline.eval=false"],
+        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    (line,) = [x for x in run.stderr.splitlines() if x.startswith("align_runner:")]
+    assert line.startswith("align_runner: model error: model 'nobody/absent-model': not in the local Hugging Face cache")
+    assert not list((tmp_path / "out").glob("store/*/DONE"))  # not even data_prep ran

@@ -61,3 +61,11 @@ def test_help_names_the_commands_the_version_flag_and_user_groups(tmp_path):
         assert text in out.stdout, text
     groups = dict(line.split(": ", 1) for line in out.stdout.splitlines() if line.startswith(("data: ", "algorithm: ")))
     assert "mydata" in groups["data"].split(", ") and "dpo" in groups["algorithm"].split(", ")
+    assert "_schema" not in out.stdout.split("Composed config:")[0]  # internal structured configs are not choices
+    assert "\nmodel:\n  name: smollm2-135m\n" in out.stdout  # the composed config follows
+
+
+def test_help_shows_the_config_its_overrides_compose_and_checks_them():
+    assert "\nmodel:\n  name: tiny\n" in _cli("model=tiny", "--help").stdout
+    bad = _cli("algorithm=dpoo", "--help")
+    assert bad.returncode == 2 and "did you mean" in bad.stderr.lower()

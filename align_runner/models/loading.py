@@ -147,6 +147,24 @@ def _target_of(source_cfg: Any) -> str:
         return str(getattr(source_cfg, "_target_", "<no _target_>"))
 
 
+def check_reachable(source: str) -> None:
+    """A hub id must be in the local Hugging Face cache or downloadable. Its config.json (a few KB) is
+    fetched now, so an offline machine, a misspelt id or a gated model fails here in one line, before
+    any stage runs, not as a chain of tracebacks from the first tokenizer load."""
+    if Path(source).is_dir():
+        return
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(source, "config.json", revision=revision_for(source))
+    except Exception as e:  # offline, unknown repo or revision, gated, no permission: all the user's to fix
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelSourceError(
+            f"model {source!r}: not in the local Hugging Face cache and not fetchable from the hub ({cause}); "
+            "check the id, log in for a gated model, download it while online, or point the model source at a local directory"
+        ) from e
+
+
 def revision_for(path: str) -> str | None:
     """The revision `hub_or_local` pinned for this hub id, if any."""
     return _REVISIONS.get(path)

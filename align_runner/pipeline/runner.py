@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 import align_runner
 from align_runner.engine.backend import get_backend
 from align_runner.engine.checkpoint import seed_everything
+from align_runner.engine.trackers import RunTracker, job_identity
 from align_runner.fsutil import atomic_write_json, disk_error_message, os_error
 from align_runner.pipeline.graph import build_graph, data_views, stage_config
 from align_runner.pipeline.keys import stage_key
@@ -68,11 +69,13 @@ class RunResult:
 
 def data_fingerprint(cfg: DictConfig, views: list[str]) -> str:
     from align_runner.data.sources import fingerprint_source
+    from align_runner.data.views import CONVERTED_FROM
     from align_runner.pipeline.keys import canonical_json
 
     prints = {}
     for view in views:
-        view_cfg = cfg.data.get(view)
+        # a converted view (KTO's unpaired rows from the pairs) is as new as its source view's files
+        view_cfg = cfg.data.get(view) if view in cfg.data else cfg.data.get(CONVERTED_FROM.get(view, ""))
         for split in ("train", "eval"):
             src = view_cfg.get(split) if view_cfg is not None else None
             if src is not None:
@@ -133,16 +136,60 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
     stages = plan(cfg, store)
     backend = get_backend(cfg.hardware)
     _check_ranks_agree(backend, stages)
-    base_model: str | None = None
-    dirs: dict[str, Path] = {}
-    records: list[StageRecord] = []
-    sharding: dict[str, Any] = {}
     if backend.is_main:
         with _disk_errors("run dir", run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(resolved)))
+    tracker = _open_tracker(cfg, run_dir, stages) if backend.is_main else None
+    try:
+        records, sharding = _run_stages(cfg, stages, store, backend, run_dir, tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.close(failed=True)
+        raise
+    if tracker is not None:
+        tracker.close()
+    objective = _objective(cfg, records)
+    if backend.is_main:
+        with _disk_errors("run dir", run_dir):
+            main = next((p.spec.name for p in stages if p.spec.config == "algorithm"), None)
+            manifest = _run_manifest(cfg, records, objective, backend, sharding, main)
+            atomic_write_json(run_dir / RUN_MANIFEST, redact(manifest))
+        try:
+            from align_runner.report import write_report  # the report sits above the pipeline layer
 
+            write_report(run_dir)
+        except Exception:  # a report bug must never fail a run whose stages all finished
+            log.warning("could not write the run report in %s", run_dir, exc_info=True)
+    return RunResult(run_dir, records, objective)
+
+
+def _open_tracker(cfg: DictConfig, run_dir: Path, stages: list[PlannedStage]) -> RunTracker | None:
+    """The job's one tracker run (none without tracking.backends): the resolved config and every
+    stage's key as its hyperparameters; named and grouped from the Hydra job (a sweep's jobs together)."""
+    tr = cfg.tracking
+    if not tr.backends:
+        return None
+    name, group = job_identity(run_dir.name)
+    return RunTracker(
+        run_dir,
+        backends=list(tr.backends),
+        project=tr.project,
+        run_name=tr.run_name or name,
+        group=tr.group or group,
+        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        stage_keys={p.spec.name: p.key for p in stages},
+        api_key=tr.get("api_key"),
+    )
+
+
+def _run_stages(cfg, stages: list[PlannedStage], store: StageStore, backend, run_dir: Path, tracker: RunTracker | None):
+    """Reuse or compute each stage in order: (their records, the backend evidence of the last trained model)."""
+    base_model: str | None = None
+    dirs: dict[str, Path] = {}
+    records: list[StageRecord] = []
+    sharding: dict[str, Any] = {}
     for p in stages:
         t0 = time.perf_counter()
         stage_dir = store.stage_dir(p.spec.kind, p.key)
@@ -156,25 +203,17 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> RunResult:
             if base_model is None:
                 base_model = _resolve_base_model(cfg, backend)
             with _disk_errors(f"stage {p.spec.name!r}", stage_dir):
-                metrics, hit, evidence = _compute(cfg, p, store, backend, dirs, base_model, run_dir)
+                metrics, hit, evidence = _compute(cfg, p, store, backend, dirs, base_model, run_dir, tracker)
             # run.json shows what the backend did to the last trained model (its policy's wrapping)
             sharding = next(iter(evidence.values()), sharding)
         dirs[p.spec.name] = stage_dir
         records.append(StageRecord(p.spec.name, p.spec.kind, p.key, str(stage_dir), hit, time.perf_counter() - t0, metrics))
+        if tracker is not None:
+            tracker.log_stage(p.spec.name, stage_dir, metrics, cached=hit)
         if backend.is_main:
             with _disk_errors("run dir", run_dir):
                 link_stage(run_dir, p.spec.name, stage_dir)
-    objective = _objective(cfg, records)
-    if backend.is_main:
-        with _disk_errors("run dir", run_dir):
-            atomic_write_json(run_dir / RUN_MANIFEST, redact(_run_manifest(cfg, records, objective, backend, sharding)))
-        try:
-            from align_runner.report import write_report  # the report sits above the pipeline layer
-
-            write_report(run_dir)
-        except Exception:  # a report bug must never fail a run whose stages all finished
-            log.warning("could not write the run report in %s", run_dir, exc_info=True)
-    return RunResult(run_dir, records, objective)
+    return records, sharding
 
 
 @contextlib.contextmanager
@@ -191,7 +230,7 @@ def _disk_errors(where: str, path: Path) -> Iterator[None]:
         raise StoreError(message) from e
 
 
-def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model, run_dir):
+def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model, run_dir, tracker: RunTracker | None):
     """Compute one stage under the store lock: (its metrics, whether another job made them, the backend
     evidence of each model it trained)."""
     timeout = cfg.pipeline.get("lock_timeout")
@@ -215,13 +254,13 @@ def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model,
             base_model=base_model,
             run_name=run_dir.name,
             params=params,
+            run_tracker=tracker,
         )
         t0 = time.perf_counter()
         # same seed on every rank: random inits (adapters, heads) must agree before sharding/DDP
         seed_everything(int(cfg.seed))
         metrics = {k: float(v) for k, v in (get_stage(p.spec.kind).fn(ctx) or {}).items()}
         evidence = {name: e for engine in ctx.engines for name, e in engine.evidence.items()}
-        ctx.tracker.close()
         backend.barrier()
         if backend.is_main:
             store.finish(
@@ -253,11 +292,13 @@ def _check_ranks_agree(backend, stages: list[PlannedStage]) -> None:
 
 
 def _resolve_base_model(cfg: DictConfig, backend) -> str:
-    from align_runner.models.loading import resolve_source
+    from align_runner.models.loading import check_reachable, resolve_source
 
     # one process builds / converts into the cache; the others then find it there
     with backend.main_first():
-        return resolve_source(cfg.model.source, cache_dir=str(cfg.paths.cache))
+        source = resolve_source(cfg.model.source, cache_dir=str(cfg.paths.cache))
+        check_reachable(source)
+        return source
 
 
 def _objective(cfg: DictConfig, records: list[StageRecord]) -> float | None:
@@ -277,13 +318,16 @@ def _git_sha() -> str | None:
 
 
 def _run_manifest(
-    cfg: DictConfig, records: list[StageRecord], objective: float | None, backend, sharding: dict[str, Any]
+    cfg: DictConfig, records: list[StageRecord], objective: float | None, backend, sharding: dict[str, Any],
+    main_stage: str | None = None,
 ) -> dict[str, Any]:
     import transformers
 
     return {
         "stages": [r.__dict__ for r in records],
-        "objective": {"name": cfg.pipeline.objective, "value": objective},
+        "objective": {"name": cfg.pipeline.objective, "value": objective, "direction": str(cfg.pipeline.direction)},
+        # the stage of algorithm.kind (its key metrics head a sweep summary's columns)
+        "main_stage": main_stage,
         "versions": {
             "align_runner": align_runner.__version__,
             "torch": torch.__version__,
