@@ -60,6 +60,12 @@ class AttnImplementation(_StrEnum):
     flash_attention_2 = "flash_attention_2"  # needs the flash-attn package and a CUDA GPU
 
 
+class Direction(_StrEnum):
+    # Optuna's names (hydra.sweeper.direction)
+    maximize = "maximize"
+    minimize = "minimize"
+
+
 class Device(_StrEnum):
     cpu = "cpu"
     cuda = "cuda"
@@ -255,9 +261,34 @@ class ReferenceConfig:
 
 
 @dataclass
+class RefSyncConfig:
+    # optimizer steps between reference updates (TR-DPO's tau)
+    every: int = 512
+    # each update sets reference <- alpha * policy + (1 - alpha) * reference; 1 = hard copy
+    alpha: float = 0.6
+
+
+@dataclass
 class PreferenceAlgorithmConfig(AlgorithmConfig):
     # DPO's frozen reference: the policy's input model (the adapter-disabled base under LoRA), whose
-    # log-probs a ref_logps stage computes once, keyed by that model and the data
+    # log-probs a ref_logps stage computes once, keyed by that model and the data; null = no cached
+    # reference (the reference-free losses ORPO / SimPO / CPO, or ref_sync's live one)
+    reference: Optional[ReferenceConfig] = field(default_factory=ReferenceConfig)
+    # TR-DPO (Gorbatovski et al. 2024): a live reference model in memory, updated towards the policy
+    # during training; needs reference=null (its log-probs change, so none are cached). null = off
+    ref_sync: Optional[RefSyncConfig] = None
+    # LD-DPO (Liu et al. 2024): weight of the log-probs of the tokens past the shorter response of each
+    # pair, in [0, 1] (policy and reference alike); null = 1, plain log-probs
+    ld_alpha: Optional[float] = None
+    # WPO (Zhou et al. 2024): weigh each pair by the policy's own length-normalised probability of
+    # its two responses (detached)
+    use_weighting: bool = False
+
+
+@dataclass
+class UnpairedAlgorithmConfig(AlgorithmConfig):
+    # KTO's frozen reference: the policy's input model, whose log-probs of every completion and of its
+    # mismatched KL completion an unpaired_ref_logps stage computes once, keyed by that model and the data
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 
@@ -394,6 +425,9 @@ class HardwareConfig:
     offload_optimizer: bool = False
     # memory of one device in GiB, for the preflight estimate
     device_memory_gb: float = 24.0
+    # torch's CPU threads in each process; null = this node's cores / num_processes (one process: torch's
+    # default, every core)
+    cpu_threads: Optional[int] = None
     # multi-node rendezvous (torchrun --rdzv-endpoint host:port); null = this node alone (--standalone)
     rdzv_endpoint: Optional[str] = None
     # rank of this node among num_nodes (torchrun --node-rank); null = let the rendezvous assign it
@@ -428,8 +462,10 @@ class PipelineConfig:
     force: list[str] = field(default_factory=list)
     # print the plan (stages, keys, cache state, memory estimate) and load nothing
     dry_run: bool = False
-    # metric returned to Hydra sweepers: "<stage>/<metric>"
+    # metric returned to Hydra sweepers: "<stage>/<metric>", a metric that stage declares (validate.py)
     objective: str = "eval_after/accuracy"
+    # which way the objective improves: the best job of a sweep summary (align_runner/sweep.py)
+    direction: Direction = Direction.maximize
     # seconds to wait for another job computing the same stage (its lock); null: wait as long as it runs
     lock_timeout: Optional[float] = None
 
@@ -482,6 +518,7 @@ class RootConfig:
 ALGORITHM_SCHEMAS: dict[str, type] = {
     "algorithm_schema": AlgorithmConfig,
     "preference_schema": PreferenceAlgorithmConfig,
+    "unpaired_schema": UnpairedAlgorithmConfig,
     "online_schema": OnlineAlgorithmConfig,
     "ppo_schema": PPOAlgorithmConfig,
 }

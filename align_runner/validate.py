@@ -132,15 +132,24 @@ def _selected_algorithms(overrides: Iterable[str], dirs: Iterable[Path] = (CONF_
     for ov in overrides:
         key, _, value = ov.lstrip("+").partition("=")
         picked[key] = _choices(value)
-    from_experiments = [
-        str(d[k])
-        for name in picked.get("experiment", [])
-        for d in _defaults(_find(dirs, "experiment", name))
-        if isinstance(d, dict)
-        for k in d
-        if k in ("override /algorithm", "/algorithm")
-    ]
+    from_experiments = [a for name in picked.get("experiment", []) for a in experiment_algorithm(name, dirs)]
     return picked.get("algorithm") or from_experiments or choices
+
+
+def experiment_algorithm(name: str, dirs: Iterable[Path] = (CONF_DIR,), _seen: frozenset[str] = frozenset()) -> list[str]:
+    """The algorithm the recipe ``experiment/<name>.yaml`` picks: its own ``override /algorithm``, else
+    that of a recipe it builds on (``dpo_tiny`` on ``sft_tiny``). Hydra expands a defaults list from
+    the end, so of two recipes built on, the later one's choice wins; the outer file's wins over both."""
+    dirs = list(dirs)
+    entries = _defaults(_find(dirs, "experiment", name))
+    own = [str(d[k]) for d in entries if isinstance(d, dict) for k in d if k in ("override /algorithm", "/algorithm")]
+    if own or name in _seen:  # a cycle is Hydra's error to report, when it composes
+        return own
+    for d in reversed(entries):
+        base = d.removeprefix("/experiment/") if isinstance(d, str) and d != "_self_" else None
+        if base and (found := experiment_algorithm(base, dirs, _seen | {name})):
+            return found
+    return []
 
 
 def check_override_key(key: str, algorithm: type = schema.AlgorithmConfig) -> None:
@@ -306,6 +315,8 @@ def _check_hardware(cfg: DictConfig) -> None:
     from align_runner.models.peft import QuantizationUnavailableError, check_quantization
 
     hw = cfg.hardware
+    if hw.get("cpu_threads") is not None:
+        require(int(hw.cpu_threads) >= 1, "hardware.cpu_threads", "a positive number of threads, or null", hw.cpu_threads)
     if str(hw.backend) == "deepspeed":
         require(hw.zero_stage in (1, 2, 3), "hardware.zero_stage", "1, 2 or 3 with backend=deepspeed", hw.zero_stage)
         if importlib.util.find_spec("deepspeed") is None:
@@ -323,12 +334,51 @@ def validate(cfg: DictConfig) -> None:
 
     check_values(cfg)
     check_targets(cfg)
-    specs = build_graph(cfg)
-    stage = str(cfg.pipeline.objective).partition("/")[0]
-    if stage not in {s.name for s in specs}:
-        # not an error: pipelines without eval stages (pipeline.eval=false, algorithm=reward) are fine,
-        # but a sweeper optimising None should hear why before the run, not after it
+    check_objective(cfg, build_graph(cfg))
+
+
+def _did_you_mean(word: str, options: Iterable[str], what: str, shown: int = 12) -> str:
+    """`` Did you mean 'x'? <what>: a, b, ...`` (at most ``shown`` of the options, closest first)."""
+    options = sorted(options)
+    close = difflib.get_close_matches(word, options, n=shown, cutoff=0.5)
+    listed = close + [o for o in options if o not in close]
+    more = f", ... ({len(options)} in all)" if len(options) > shown else ""
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"{hint} {what}: {', '.join(listed[:shown])}{more}"
+
+
+def check_objective(cfg: DictConfig, specs: list) -> None:
+    """``pipeline.objective`` (``<stage>/<metric>``) names a stage of this pipeline and a metric its
+    kind declares (``register_stage(metrics=...)``); a typo in either is a ConfigError with a suggestion.
+
+    One case only warns: an eval stage (``eval_before`` / ``eval_after``, the names pipeline=auto gives
+    them) in a pipeline that has none — ``pipeline.eval=false``, a main stage that trains a scorer
+    (algorithm=reward), data without held-out prompts. That is the default objective meeting a pipeline
+    without evaluation, not a typo: the run returns no objective, and a sweeper optimising None should
+    hear why before the run. Its metric is still checked, against the eval stage it would be.
+    """
+    from align_runner.pipeline.graph import EVAL_STAGES
+    from align_runner.registry import get_stage
+    from align_runner.stages.context import StageSpec
+
+    objective = str(cfg.pipeline.objective)
+    stage, _, metric = objective.partition("/")
+    where = f"pipeline.objective={objective}"
+    if not stage or not metric:
+        raise ConfigError(f"{where}: expected '<stage>/<metric>', e.g. eval_after/accuracy or sft/eval/loss")
+    spec = next((s for s in specs if s.name == stage), None)
+    if spec is None and stage in EVAL_STAGES:
         log.warning(
-            "pipeline.objective=%s names no stage of this pipeline (%s); the run returns no objective",
-            cfg.pipeline.objective, ", ".join(s.name for s in specs),
+            "%s names no stage of this pipeline (%s): it has no eval stages; the run returns no objective",
+            where, ", ".join(s.name for s in specs),
+        )
+        spec = StageSpec(stage, "eval", config="eval")
+    if spec is None:
+        names = [s.name for s in specs]
+        raise ConfigError(f"{where}: {stage!r} is not a stage of this pipeline.{_did_you_mean(stage, names, 'Stages')}")
+    produced = get_stage(spec.kind).produces(cfg, spec)
+    if produced is not None and metric not in produced:
+        raise ConfigError(
+            f"{where}: stage {stage!r} ({spec.kind}) reports no metric {metric!r}."
+            f"{_did_you_mean(metric, produced, 'It reports')}"
         )

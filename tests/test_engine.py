@@ -210,3 +210,34 @@ def test_a_step_with_no_items_anywhere_is_skipped_without_a_forward(tmp_path):
     assert engine.train_step(state, step, [{"x": torch.ones(1, 2), "num_items": 0}]) is None
     assert calls == [] and state.step == 0 and state.scheduler.last_epoch == 0
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+
+
+def test_cpu_threads_share_the_cores_among_a_nodes_processes():
+    from omegaconf import OmegaConf
+
+    from align_runner.engine.backend import cpu_threads
+
+    def hw(**kw):
+        return OmegaConf.create({"num_processes": 1, "cpu_threads": None, **kw})
+
+    assert cpu_threads(hw(), cores=8) is None  # one process: torch's default, every core
+    assert cpu_threads(hw(num_processes=2), cores=8) == 4
+    assert cpu_threads(hw(num_processes=4), cores=2) == 1  # never 0
+    assert cpu_threads(hw(num_processes=2, cpu_threads=3), cores=8) == 3  # the setting wins
+
+
+def test_a_backend_applies_cpu_threads_and_a_bad_value_is_a_config_error():
+    import torch
+
+    from align_runner import api
+    from align_runner.engine.backend import get_backend
+    from align_runner.validate import ConfigError, validate
+
+    before = torch.get_num_threads()
+    try:
+        get_backend(api.compose(["hardware.cpu_threads=1"]).hardware)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="hardware.cpu_threads"):
+        validate(api.compose(["hardware.cpu_threads=0"]))

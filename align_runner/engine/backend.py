@@ -85,6 +85,9 @@ class Backend:
     def __init__(self, hardware: Any):
         self.hardware = hardware
         self.precision = effective_precision(hardware)
+        threads = cpu_threads(hardware)
+        if threads is not None:
+            torch.set_num_threads(threads)
 
     # -- topology
     @property
@@ -479,6 +482,19 @@ BACKENDS: dict[BackendKind, type[Backend]] = {
 }
 
 _BACKEND: Backend | None = None
+
+
+def cpu_threads(hardware: Any, cores: int | None = None) -> int | None:
+    """torch's intra-op threads for each process: ``hardware.cpu_threads``, else this node's cores
+    shared by its processes (so two CPU processes do not each run a thread per core, fighting over
+    them); None for one process without a setting: torch's own default (every core) stays."""
+    if hardware.get("cpu_threads") is not None:
+        return int(hardware.cpu_threads)
+    processes = int(hardware.num_processes)
+    if processes == 1:
+        return None
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(1, cores // processes)
 
 
 def get_backend_class(hardware: Any) -> type[Backend]:
