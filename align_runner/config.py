@@ -104,6 +104,10 @@ class ModelConfig:
     # parameter count for the dry-run memory estimate when the model's config.json cannot be read
     # (e.g. a hub id offline); null = read it
     num_params: Optional[int] = None
+    # the config.json fields that fix the model's shape ({model_type, hidden_size, num_hidden_layers,
+    # vocab_size, ...}, as AutoConfig.for_model takes them), so the dry run plans offline (parameters,
+    # LoRA targets, activations) without reading the hub; null = read config.json. Not part of any key.
+    architecture: Optional[dict[str, Any]] = None
     # attention kernel: null = transformers' default (sdpa); flash_attention_2 runs packed rows varlen
     attn_implementation: Optional[AttnImplementation] = None
     # torch.compile the trained model's forward (first steps compile; needs a C++ compiler on CPU)

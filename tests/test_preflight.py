@@ -15,6 +15,7 @@ from align_runner.pipeline.preflight import (
     model_shape,
     print_plan,
 )
+from align_runner.validate import CONF_DIR
 
 B = 1_000_000_000  # a 1B-parameter model, full fine-tuning
 
@@ -115,7 +116,7 @@ def test_dry_run_shows_cached_stages(tiny, capsys):
 
 
 def test_hub_model_offline_uses_the_num_params_hint(capsys, tmp_path):
-    base = ["model=qwen0.5b", f"paths.outputs={tmp_path}", "pipeline.eval=false", "hardware=1xgpu"]
+    base = ["model=qwen0.5b", f"paths.outputs={tmp_path}", "pipeline.eval=false", "hardware=1xgpu", "model.architecture=null"]
     print_plan(api.compose(base))
     assert "unknown (set model.num_params)" in capsys.readouterr().out
     print_plan(api.compose([*base, "model.num_params=494032768"]))
@@ -140,3 +141,24 @@ def test_lora_plan_counts_adapters_on_top_of_the_frozen_base(tiny, capsys):
     print_plan(api.compose([*tiny, "+model/lora=default", "pipeline.dry_run=true"]))
     # 32,768 adapter parameters (test above) on the 139,584 of the base
     assert "trainable 32,768 of 172,352 parameters" in capsys.readouterr().out
+
+
+# the published parameter counts of the shipped hub models (their model cards / config.json)
+SHIPPED = {"qwen0.5b": 494_032_768, "qwen1.5b": 1_543_714_304, "llama3-8b": 8_030_261_248,
+           "smollm2-360m": 361_821_120, "smollm2-135m": 134_515_008, "tiny": 139_584}
+
+
+@pytest.mark.parametrize("hardware", sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml")))
+def test_every_shipped_model_and_hardware_profile_plans_offline(hardware, tmp_path, model_cache, monkeypatch, capsys):
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("weights loaded")))
+    shipped = {p.stem for p in (CONF_DIR / "model").glob("*.yaml")} - {"local"}  # local: the user's path
+    assert shipped == set(SHIPPED)
+    for model, params in SHIPPED.items():
+        cfg = api.compose([f"model={model}", f"hardware={hardware}", "algorithm=dpo", f"paths.outputs={tmp_path}",
+                           f"paths.cache={model_cache}", "pipeline.dry_run=true"])
+        print_plan(cfg)
+        out = capsys.readouterr().out
+        assert f"{params:,} parameters" in out and "unknown" not in out, (model, out)
+        assert "sft: weights" in out and "activations" in out

@@ -22,6 +22,7 @@ NON_RESULT_KEYS = frozenset(
         "section.name",
         "section.stages",
         "data.name",
+        "model.architecture",
         "data.max_dropped_share",  # a check on data_prep's counts: it fails a stage, never changes one
         "train.log_every",
         "train.save_every",

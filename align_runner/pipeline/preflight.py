@@ -24,8 +24,10 @@ Transient buffers (gathered layers, communication buckets, the allocator's slack
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -157,27 +159,50 @@ CONFIG_READERS = {
 }
 
 
+def _model_config(cfg: DictConfig) -> Any:
+    """The model's transformers config: its config.json where that can be read without loading or
+    converting weights (a hub id in the local cache, a local dir, the tiny builder), else the shipped
+    ``model.architecture``; None when neither is there."""
+    from transformers import AutoConfig
+
+    reader = CONFIG_READERS.get(str(cfg.model.source.get("_target_")))
+    if reader is not None:
+        try:
+            return AutoConfig.from_pretrained(reader(cfg.model.source, str(cfg.paths.cache)), local_files_only=True)
+        except (OSError, ValueError) as e:  # a hub id not in the local cache, an unknown architecture
+            log.info("dry run: cannot read the model config (%s)", str(e).splitlines()[0])
+    arch = cfg.model.get("architecture")
+    if arch is None:
+        return None
+    fields = dict(arch)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
 def model_shape(cfg: DictConfig) -> ModelShape | None:
     """Parameter count and dimensions without loading weights; None when unknown."""
     hint = cfg.model.get("num_params")
-    reader = CONFIG_READERS.get(str(cfg.model.source.get("_target_")))
-    if reader is None:
+    config = _model_config(cfg)
+    if config is None:
         return ModelShape(int(hint)) if hint else None
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+    shape = _meta_shape(config.to_json_string())
+    return replace(shape, num_params=int(hint)) if hint else shape
 
-        path = reader(cfg.model.source, str(cfg.paths.cache))
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError) as e:  # a hub id not in the local cache, an unknown architecture
-        log.info("dry run: cannot read the model config (%s)", str(e).splitlines()[0])
-        return ModelShape(int(hint)) if hint else None
+
+@functools.lru_cache(maxsize=8)
+def _meta_shape(config_json: str) -> ModelShape:
+    """The shape of the model a config builds, on the meta device (no memory); one build per config,
+    since a sweep's plan or a profile-by-profile check asks for the same model many times."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = json.loads(config_json)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
     linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelShape(
-        num_params=int(hint) if hint else sum(p.numel() for p in model.parameters()),
+        num_params=sum(p.numel() for p in model.parameters()),
         hidden_size=getattr(text, "hidden_size", None),
         num_layers=getattr(text, "num_hidden_layers", None),
         vocab_size=getattr(text, "vocab_size", None),
