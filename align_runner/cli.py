@@ -124,8 +124,13 @@ def torchrun_command(hardware: Any, argv: list[str], run_dir: str) -> list[str]:
 
 def _self_launch(argv: list[str], hardware: Any, run_dir: str) -> int:
     """Run the same command under torchrun; returns the exit code of the first rank that failed."""
+    from align_runner.engine.backend import cpu_threads
+
     with tempfile.TemporaryDirectory(prefix="align_runner-ranks-") as failures:
         env = {**os.environ, FAILURE_DIR_ENV: failures}
+        # torchrun would give every process one thread; share the cores instead (an OMP_NUM_THREADS the
+        # user set stays, and hardware.cpu_threads is applied by each process's backend)
+        env.setdefault("OMP_NUM_THREADS", str(cpu_threads(hardware) or 1))
         cmd = torchrun_command(hardware, argv, run_dir)
         print(f"align_runner: relaunching under torchrun: {int(hardware.num_processes)} process(es) per node, "
               f"{int(hardware.num_nodes)} node(s); run dir {run_dir}", file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -226,11 +227,11 @@ def test_cpu_threads_share_the_cores_among_a_nodes_processes():
     assert cpu_threads(hw(num_processes=2, cpu_threads=3), cores=8) == 3  # the setting wins
 
 
-def test_a_backend_applies_cpu_threads_and_a_bad_value_is_a_config_error():
+def test_a_backend_applies_cpu_threads_and_a_bad_value_is_a_config_error(monkeypatch):
     import torch
 
     from align_runner import api
-    from align_runner.engine.backend import get_backend
+    from align_runner.engine.backend import cpu_threads, get_backend
     from align_runner.validate import ConfigError, validate
 
     before = torch.get_num_threads()
@@ -239,5 +240,16 @@ def test_a_backend_applies_cpu_threads_and_a_bad_value_is_a_config_error():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+    # the default is given to torchrun's processes at launch, unless the user set OMP_NUM_THREADS
+    from align_runner import cli
+
+    launched = []
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda cmd, env: launched.append(env) or SimpleNamespace(wait=lambda: 0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    hardware = api.compose(["hardware=cpu_ddp2"]).hardware
+    cli._self_launch([], hardware, "/tmp/unused")
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    cli._self_launch([], hardware, "/tmp/unused")
+    assert [e["OMP_NUM_THREADS"] for e in launched] == [str(cpu_threads(hardware)), "7"]
     with pytest.raises(ConfigError, match="hardware.cpu_threads"):
         validate(api.compose(["hardware.cpu_threads=0"]))

@@ -85,9 +85,8 @@ class Backend:
     def __init__(self, hardware: Any):
         self.hardware = hardware
         self.precision = effective_precision(hardware)
-        threads = cpu_threads(hardware)
-        if threads is not None:
-            torch.set_num_threads(threads)
+        if hardware.get("cpu_threads") is not None:  # the default is set at launch (cli._self_launch)
+            torch.set_num_threads(int(hardware.cpu_threads))
 
     # -- topology
     @property
