@@ -312,7 +312,7 @@ def _check_hardware(cfg: DictConfig) -> None:
     import importlib.util
 
     from align_runner.models.loading import ModelOptionError, check_model_options
-    from align_runner.models.peft import QuantizationUnavailableError, check_quantization
+    from align_runner.models.quantization import QuantizationUnavailableError, check_quantization
 
     hw = cfg.hardware
     if hw.get("cpu_threads") is not None:

@@ -15,11 +15,11 @@ from conftest import run
 from align_runner.algos.logprobs import sequence_logps
 from align_runner.api import compose
 from align_runner.data.collate import collate_preference
+from align_runner.data.prepared import load_prepared
 from align_runner.models.loading import load_causal_lm, load_tokenizer
 from align_runner.pipeline.graph import PipelineConfigError, build_graph
 from align_runner.pipeline.runner import plan
 from align_runner.pipeline.store import StageStore
-from align_runner.stages.data_prep import load_prepared
 from align_runner.stages.dpo import batch_logps
 from align_runner.stages.ref_logps import (
     ReferenceMismatchError,

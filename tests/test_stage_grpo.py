@@ -188,7 +188,7 @@ def test_completion_log_probs_match_the_unpadded_sequences(model_cache):
     from align_runner.engine.backend import get_backend
     from align_runner.models.loading import load_causal_lm
     from align_runner.models.tiny import build_tiny
-    from align_runner.stages.grpo import completion_logps
+    from align_runner.stages.rollouts import completion_logps
 
     model = load_causal_lm(build_tiny(model_cache))
     rows = [
@@ -215,7 +215,7 @@ def test_shared_prompt_layout_gives_the_same_logps_and_gradients(model_cache):
     from align_runner.data.collate import collate_completions
     from align_runner.models.loading import load_causal_lm
     from align_runner.models.tiny import build_tiny
-    from align_runner.stages.grpo import completion_logits
+    from align_runner.stages.rollouts import completion_logits
 
     model = load_causal_lm(build_tiny(model_cache))
     a, b = [5, 6, 7, 8, 9], [12, 13]

@@ -201,7 +201,7 @@ def load_causal_lm(
     `quantization` ("4bit" / "8bit", CUDA + bitsandbytes) loads a frozen quantized base for QLoRA,
     placed on this process's GPU. `attn_implementation` (None: transformers' default), `liger_kernel`
     and `compile` are the `model.*` speed options (`speed_options`)."""
-    from align_runner.models.peft import prepare_quantized, quantization_kwargs
+    from align_runner.models.quantization import prepare_quantized, quantization_kwargs
 
     model = AutoModelForCausalLM.from_pretrained(
         path,

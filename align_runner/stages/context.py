@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from align_runner.config import stage_train
 from align_runner.engine.backend import Backend, model_dtype
 from align_runner.engine.loop import Engine
-from align_runner.engine.trackers import Tracker, job_identity
+from align_runner.engine.trackers import RunTracker, Tracker
 from align_runner.fsutil import atomic_write_json
 
 log = logging.getLogger("align_runner")
@@ -54,6 +54,8 @@ class StageContext:
     params: dict[str, Any] = field(default_factory=dict)
     # engines this stage made (their backend evidence goes to the manifest and run.json)
     engines: list[Engine] = field(default_factory=list)
+    # the job's TensorBoard / W&B run (main process, tracking.backends set), shared by its stages
+    run_tracker: RunTracker | None = None
 
     # ------------------------------------------------------------------------------------- config
     @property
@@ -146,7 +148,7 @@ class StageContext:
     # ---------------------------------------------------------------------------------------- data
     def dataset(self, view: str, split: str = "train") -> list[dict]:
         """Rows prepared by data_prep for ``view`` ("sft", "preference", "prompt") and split."""
-        from align_runner.stages.data_prep import load_prepared
+        from align_runner.data.prepared import load_prepared
 
         return load_prepared(self._data_dir(view), view, split)
 
@@ -165,26 +167,15 @@ class StageContext:
         return self.dataset(view, "train"), (self.dataset(view, "eval") if self.has_dataset(view, "eval") else None)
 
     def has_dataset(self, view: str, split: str = "train") -> bool:
-        from align_runner.stages.data_prep import prepared_path
+        from align_runner.data.prepared import prepared_path
 
         return prepared_path(self._data_dir(view), view, split).exists()
 
     # -------------------------------------------------------------------------------------- engine
     @cached_property
     def tracker(self) -> Tracker:
-        tr = self.cfg.tracking
-        name, group = job_identity(self.run_name)
-        return Tracker(
-            self.out_dir,
-            stage=self.spec.name,
-            enabled=self.is_main,
-            backends=list(tr.backends),
-            project=tr.project,
-            run_name=tr.run_name or name,
-            group=tr.group or group,
-            config=OmegaConf.to_container(self.cfg, resolve=True) if tr.backends else None,
-            api_key=tr.get("api_key"),
-        )
+        """This stage's metrics.jsonl, forwarded to the job's tracker run under the stage's name."""
+        return Tracker(self.out_dir, stage=self.spec.name, enabled=self.is_main, run=self.run_tracker)
 
     def engine(self) -> Engine:
         """A training engine for this stage (its checkpoints, its tracker); what it prepares is

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from align_runner.data.prepare import check_kept, prepare_rows
+from align_runner.data.prepare import REASONS, VIEWS, check_kept, prepare_rows
+from align_runner.data.prepared import prepared_path
 from align_runner.data.sources import apply_limit, load_rows
 from align_runner.data.views import SPLITS, shared_formats, view_source
 from align_runner.registry import register_stage
@@ -28,23 +29,20 @@ from align_runner.stages.context import StageContext
 log = logging.getLogger("align_runner")
 
 
-def prepared_path(stage_dir: Path, view: str, split: str) -> Path:
-    return Path(stage_dir) / "data" / f"{view}-{split}.jsonl"
+def prepared_metrics(cfg, spec) -> list[str]:
+    """``<view>/<split>/<count>`` for every view and split data_prep may build (``PrepStats.as_dict``
+    and the row counts ``run_data_prep`` adds)."""
+    counts = ["rows", "limited", "total", "kept", "truncated", "dropped"]
+    counts += [f"{what}/{reason}" for what in ("dropped", "truncated") for reason in REASONS]
+    return [f"{view}/{split}/{c}" for view in VIEWS for split in SPLITS for c in counts]
 
 
-def load_prepared(stage_dir: Path, view: str, split: str) -> list[dict]:
-    path = prepared_path(stage_dir, view, split)
-    if not path.exists():
-        have = sorted(p.stem for p in (Path(stage_dir) / "data").glob("*.jsonl"))
-        raise FileNotFoundError(
-            f"data_prep produced no {view!r} rows for split {split!r} (have: {have}); "
-            f"configure data.{view}.{split} in the data config"
-        )
-    with path.open() as f:
-        return [json.loads(line) for line in f]
-
-
-@register_stage("data_prep", trains=False, key_metrics=("sft/train/kept", "preference/train/kept", "prompt/eval/kept"))
+@register_stage(
+    "data_prep",
+    trains=False,
+    key_metrics=("sft/train/kept", "preference/train/kept", "prompt/eval/kept"),
+    metrics=prepared_metrics,
+)
 def run_data_prep(ctx: StageContext) -> dict[str, float]:
     data = ctx.cfg.data
     sources = OmegaConf.to_container(data, resolve=True)

@@ -23,11 +23,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from align_runner.algos.advantages import zero_std_groups
-from align_runner.algos.grpo import PolicyBatch
-from align_runner.algos.logprobs import token_logps
-from align_runner.algos.policy import entropy_from_logits
 from align_runner.algos.rewards import reward_metrics
 from align_runner.data.collate import collate_completions
+from align_runner.engine.metric_names import online
 from align_runner.engine.online import Rollout, Update, fit_online
 from align_runner.engine.rollout import row_seed
 from align_runner.models.peft import is_peft_model
@@ -36,38 +34,19 @@ from align_runner.stages.context import StageContext
 from align_runner.stages.rollouts import (
     check_rollout_sizes,
     check_scorers,
-    completion_logits,
     completion_logps,
     global_rows,
     make_generator,
+    policy_step,
     rank_prompts,
     reference_logps,
     reward_functions,
+    reward_names,
     rollout_order,
     sample,
     score,
 )
 from align_runner.validate import require
-
-
-def grpo_step(model, batch: dict, *, loss_fn):
-    """The policy loss on one micro-batch of completions (mean over the aggregation's ``num_items``)."""
-    logits = completion_logits(model, batch)
-    logps = token_logps(logits, batch["completion_ids"])
-    with torch.no_grad():
-        entropy = entropy_from_logits(logits)
-    return loss_fn(
-        PolicyBatch(
-            logps=logps,
-            mask=batch["completion_mask"],
-            advantages=batch["advantages"].to(logps.dtype),
-            weights=batch["weights"],
-            num_items=float(batch["num_items"]),
-            old_logps=batch.get("old_logps"),
-            ref_logps=batch.get("ref_logps"),
-            entropy=entropy,
-        )
-    )
 
 
 def check_grpo(cfg, spec) -> None:
@@ -78,6 +57,15 @@ def check_grpo(cfg, spec) -> None:
     check_scorers(a, spec, where)
 
 
+def grpo_metrics(rewards: list[str]) -> tuple[str, ...]:
+    """A rollout's (``reward_metrics`` and the completions') and its steps' (``algos.grpo`` loss)."""
+    completions = [f"completions/{m}" for m in ("mean_length", "min_length", "max_length", "clipped_ratio")]
+    per_fn = [f"rewards/{name}/{m}" for name in rewards for m in ("mean", "std")]
+    clip = [f"clip_ratio/{m}_mean" for m in ("low", "high", "region")]
+    return online("reward", "reward_std", "frac_reward_zero_std", *per_fn, *completions, "num_tokens",
+                  "policy_loss", *clip, "kl", "entropy")
+
+
 @register_stage(
     "grpo",
     trains=True,
@@ -85,6 +73,7 @@ def check_grpo(cfg, spec) -> None:
     inputs={"reward_model": Input("reward", required=False, what="its reward model")},
     key_metrics=("reward", "reward_std", "completions/mean_length", "frac_reward_zero_std"),
     check=check_grpo,
+    metrics=lambda cfg, spec: grpo_metrics(reward_names(cfg, spec)),
 )
 def run_grpo(ctx: StageContext) -> dict[str, float]:
     a, backend = ctx.section, ctx.backend
@@ -102,7 +91,7 @@ def run_grpo(ctx: StageContext) -> dict[str, float]:
     rollout = GRPORollout(ctx, state, tokenizer, prompts, reward_functions(ctx), reference, with_ref=beta > 0)
     result = fit_online(
         engine,
-        updates=[Update(state, partial(grpo_step, loss_fn=instantiate(a.loss)))],
+        updates=[Update(state, partial(policy_step, loss_fn=instantiate(a.loss)))],
         rollouts=int(a.rollouts),
         make_rollout=rollout,
         epochs=int(a.num_iterations),

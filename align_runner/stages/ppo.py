@@ -36,6 +36,7 @@ from align_runner.algos.logprobs import masked_sum
 from align_runner.algos.ppo import masked_moments, missing_eos_penalty, rollout_stats, whiten
 from align_runner.config import stage_train
 from align_runner.data.collate import collate_completions
+from align_runner.engine.metric_names import online
 from align_runner.engine.online import Rollout, Update, fit_online, timed
 from align_runner.engine.rollout import row_seed
 from align_runner.fsutil import atomic_write_json
@@ -44,16 +45,17 @@ from align_runner.models.loading import enable_gradient_checkpointing, save_pret
 from align_runner.models.peft import is_peft_model
 from align_runner.registry import Input, register_stage
 from align_runner.stages.context import StageContext
-from align_runner.stages.grpo import grpo_step
 from align_runner.stages.rollouts import (
     check_rollout_sizes,
     check_scorers,
     completion_logps,
     global_rows,
     make_generator,
+    policy_step,
     rank_prompts,
     reference_logps,
     reward_functions,
+    reward_names,
     rollout_order,
     sample,
     score,
@@ -128,6 +130,18 @@ def check_ppo(cfg, spec) -> None:
     require(t.lr > 0, f"{where}.critic.train.lr", "a positive learning rate", t.lr)
 
 
+def ppo_metrics(rewards: list[str]) -> tuple[str, ...]:
+    """A rollout's (``rollout_stats`` and ``_metrics`` above, its phases' seconds) and its steps' (the
+    policy's ``algos.ppo`` names, the critic's value-loss names and its engine names under ``critic/``)."""
+    objective = [f"objective/{m}" for m in ("kl", "non_score_reward", "rlhf_reward", "scores", "entropy", "kl_coef")]
+    completions = [f"completions/{m}" for m in ("mean_length", "min_length", "max_length", "clipped_ratio")]
+    times = [f"time/{m}" for m in ("generation", "scoring", "reference", "values")]
+    policy = ["loss/policy_avg", "policy/clipfrac_avg", "policy/approxkl_avg", "policy/entropy_avg", "val/ratio"]
+    critic = ["loss/value_avg", "val/clipfrac_avg", "val/vpred", "val/error", *(f"critic/{m}" for m in ("loss", "lr", "grad_norm"))]
+    return online(*objective, "val/num_eos_tokens", "reward", *(f"rewards/{n}/mean" for n in rewards), *completions,
+                  *times, *policy, *critic)
+
+
 @register_stage(
     "ppo",
     trains=True,
@@ -135,6 +149,7 @@ def check_ppo(cfg, spec) -> None:
     inputs={"reward_model": Input("reward", required=False, what="its reward model")},
     key_metrics=("objective/scores", "objective/rlhf_reward", "objective/kl", "loss/value_avg"),
     check=check_ppo,
+    metrics=lambda cfg, spec: ppo_metrics(reward_names(cfg, spec)),
 )
 def run_ppo(ctx: StageContext) -> dict[str, float]:
     a, backend = ctx.section, ctx.backend
@@ -150,7 +165,7 @@ def run_ppo(ctx: StageContext) -> dict[str, float]:
     result = fit_online(
         engine,
         updates=[
-            Update(policy, partial(grpo_step, loss_fn=instantiate(a.loss))),
+            Update(policy, partial(policy_step, loss_fn=instantiate(a.loss))),
             Update(critic, partial(value_step, loss_fn=instantiate(a.critic.loss))),
         ],
         rollouts=int(a.rollouts),

@@ -13,8 +13,11 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from align_runner.algos.grpo import PolicyBatch
 from align_runner.algos.logprobs import token_logps
+from align_runner.algos.policy import entropy_from_logits
 from align_runner.algos.rewards import score_completions
 from align_runner.engine.loop import schedule_indices
 from align_runner.engine.rollout import Generator, eos_token_ids
@@ -48,6 +51,27 @@ def completion_logps(model, batch: dict, backend) -> torch.Tensor:
     with backend.autocast():
         logps = token_logps(completion_logits(model, on_device), on_device["completion_ids"])
     return (logps.float() * on_device["completion_mask"]).cpu()
+
+
+def policy_step(model, batch: dict, *, loss_fn):
+    """The policy loss on one micro-batch of completions (mean over the aggregation's ``num_items``):
+    GRPO's step, and PPO's policy step (its advantages per token)."""
+    logits = completion_logits(model, batch)
+    logps = token_logps(logits, batch["completion_ids"])
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits)
+    return loss_fn(
+        PolicyBatch(
+            logps=logps,
+            mask=batch["completion_mask"],
+            advantages=batch["advantages"].to(logps.dtype),
+            weights=batch["weights"],
+            num_items=float(batch["num_items"]),
+            old_logps=batch.get("old_logps"),
+            ref_logps=batch.get("ref_logps"),
+            entropy=entropy,
+        )
+    )
 
 
 def reference_logps(reference, policy, batch: dict, backend) -> torch.Tensor:
@@ -86,6 +110,12 @@ def global_rows(values: torch.Tensor, positions: list[int], size: int, backend) 
     full = torch.zeros((size, *values.shape[1:]), dtype=torch.float64)
     full[positions] = values.double()
     return backend.all_reduce_sum(full).cpu()
+
+
+def reward_names(cfg, spec) -> list[str]:
+    """The names ``reward_functions`` gives the stage ``spec`` of ``cfg`` (for its metric declaration)."""
+    names = list(OmegaConf.select(cfg, spec.config).rewards)
+    return names + (["reward_model"] if "reward_model" in dict(spec.inputs) else [])
 
 
 def reward_functions(ctx: StageContext) -> dict[str, Any]:
