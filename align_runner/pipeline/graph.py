@@ -25,6 +25,9 @@ from align_runner.models.fingerprint import source_fingerprint
 from align_runner.registry import Input, get_stage
 from align_runner.stages.context import StageSpec
 
+# the names pipeline=auto gives the eval of the main stage's input and output model
+EVAL_STAGES = ("eval_before", "eval_after")
+
 
 class PipelineConfigError(ValueError):
     """The pipeline graph cannot be built from this config."""
@@ -55,7 +58,7 @@ def _auto(cfg: DictConfig) -> list[StageSpec]:
         # held-out prompts (a user's file without an eval split trains without eval stages)
         evaluate = kind == main and cfg.pipeline.eval and stage.policy and _heldout_prompts(cfg)
         if evaluate:
-            specs.append(_eval_spec("eval_before", model_from, specs))
+            specs.append(_eval_spec(EVAL_STAGES[0], model_from, specs))
         inputs = _provided(stage.inputs, specs)
         for role, inp in stage.inputs.items():
             if inp.derived is not None:
@@ -66,7 +69,7 @@ def _auto(cfg: DictConfig) -> list[StageSpec]:
         if stage.trains and stage.policy:
             model_from = kind
         if evaluate:
-            specs.append(_eval_spec("eval_after", model_from, specs))
+            specs.append(_eval_spec(EVAL_STAGES[1], model_from, specs))
     return specs
 
 
