@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from align_runner.engine.online import ROLLOUTS_FILE
-from align_runner.engine.trackers import read_metrics
+from align_runner.engine.trackers import HISTORY, read_metrics
 from align_runner.pipeline.rundir import stage_dir  # the run's link, or the recorded store dir
 
 # Training-curve panels: (title, y label, metrics.jsonl keys drawn together). Absent keys are skipped.
@@ -96,7 +96,7 @@ def write_report(run_dir: str | Path) -> Path:
     curves = []
     for s in stages:
         if _trains(s["kind"]):
-            png = plot_training(s["name"], read_metrics(stage_dir(run_dir, s) / "metrics.jsonl"), plot_dir)
+            png = plot_training(s["name"], read_metrics(stage_dir(run_dir, s) / HISTORY), plot_dir)
             if png is not None:
                 curves.append(f"### {s['name']}\n\n![{s['name']} training curves]({png.relative_to(run_dir)})")
     if curves:

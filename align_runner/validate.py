@@ -302,9 +302,10 @@ def check_values(cfg: DictConfig) -> None:
         cfg.model.quantization in (None, "4bit", "8bit"), "model.quantization", "null, '4bit' or '8bit'", cfg.model.quantization
     )
     _check_hardware(cfg)
-    known = {"tensorboard", "wandb"}
+    from align_runner.engine.trackers import KNOWN_BACKENDS
+
     for b in cfg.tracking.backends:
-        require(b in known, "tracking.backends", f"a list drawn from {sorted(known)}", list(cfg.tracking.backends))
+        require(b in KNOWN_BACKENDS, "tracking.backends", f"a list drawn from {sorted(KNOWN_BACKENDS)}", list(cfg.tracking.backends))
 
 
 def _check_hardware(cfg: DictConfig) -> None:

@@ -15,7 +15,8 @@ from torch.utils.checkpoint import checkpoint
 # Half-precision logits are upcast before the log-softmax. In bf16 a log-prob carries only ~3
 # significant digits, so a sequence sum over hundreds of tokens has rounding error larger than the
 # chosen-vs-rejected differences that DPO-style losses are built on.
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# dtypes whose logits are upcast to fp32 before a log-softmax
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _token_logps(logits: Tensor, targets: Tensor) -> Tensor:
@@ -32,7 +33,7 @@ def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     """log p(targets) under ``logits``: (B, T, V) and (B, T) -> (B, T), no shift (the caller aligned
     them). Half-precision logits are upcast to float32 one sequence at a time, as in
     ``shifted_token_logps``."""
-    if logits.dtype in _LOW_PRECISION:
+    if logits.dtype in LOW_PRECISION:
         rows = [_token_logps(row.float(), tgt) for row, tgt in zip(logits, targets.long())]
         return torch.stack(rows) if rows else logits.new_zeros(targets.shape, dtype=torch.float32)
     return _token_logps(logits, targets.long())
@@ -126,7 +127,7 @@ def linear_token_logps(
 
 def _chunk_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
     logits = F.linear(hidden, weight, bias)
-    if logits.dtype in _LOW_PRECISION:
+    if logits.dtype in LOW_PRECISION:
         logits = logits.float()
     with torch.no_grad():
         correct = logits.argmax(dim=-1) == targets

@@ -9,12 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from align_runner.algos.logprobs import masked_mean
+from align_runner.algos.logprobs import LOW_PRECISION, masked_mean
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 """Valid values of ``importance_ratio(level=...)``."""
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def importance_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor, *, level: str = "token") -> Tensor:
@@ -131,7 +130,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     the extra memory is one slice's float32 copy rather than the whole tensor's; the result is then
     float32. float32/float64 logits are used as they are.
     """
-    if logits.dtype in _LOW_PRECISION:
+    if logits.dtype in LOW_PRECISION:
         if logits.dim() == 1:
             return _entropy(logits.float())
         if logits.shape[0] == 0:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from align_runner.algos.logprobs import TargetLogps
+from align_runner.algos.logprobs import LOW_PRECISION, TargetLogps
 from align_runner.algos.types import LossOutput
 
 IGNORE_INDEX = -100
@@ -46,7 +46,7 @@ def sft_loss(
     targets = labels[:, 1:].long()
     # Upcast half-precision logits: the cross-entropy of a bf16 softmax is too coarse to sum over
     # thousands of tokens (see logprobs.py).
-    if shift_logits.dtype in (torch.float16, torch.bfloat16):
+    if shift_logits.dtype in LOW_PRECISION:
         shift_logits = shift_logits.float()
     flat_logits = shift_logits.reshape(-1, shift_logits.size(-1))
     flat_targets = targets.reshape(-1)

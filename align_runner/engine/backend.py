@@ -31,7 +31,8 @@ from align_runner.config import Backend as BackendKind
 
 log = logging.getLogger("align_runner")
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# hardware.precision -> the dtype weights are stored in
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _NAMED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MakeOptimizer = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -304,7 +305,7 @@ class DeepSpeedBackend(Backend):
     def weights_dtype(cls, hardware, requested="auto"):
         if requested != "auto":
             return _NAMED_DTYPES[requested]
-        return _DTYPES[effective_precision(hardware)]
+        return PRECISION_DTYPES[effective_precision(hardware)]
 
     def ds_config(self, train: Any) -> dict[str, Any]:
         zero: dict[str, Any] = {"stage": int(self.hardware.zero_stage)}
@@ -420,7 +421,7 @@ class FSDP2Backend(Backend):
         model = model.to(self.device)
         kwargs: dict[str, Any] = {}
         if self.precision != "fp32":
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_DTYPES[self.precision], reduce_dtype=torch.float32)
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=PRECISION_DTYPES[self.precision], reduce_dtype=torch.float32)
         blocks = set(getattr(_base_model(model), "_no_split_modules", None) or [])
         for module in model.modules():
             if type(module).__name__ in blocks:

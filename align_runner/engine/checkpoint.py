@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from align_runner.engine.trackers import HISTORY
+
 META = "meta.pt"
 RNG = "rng.pt"
-HISTORY = "metrics.jsonl"
 
 
 def seed_everything(seed: int) -> None:

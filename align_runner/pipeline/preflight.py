@@ -213,9 +213,8 @@ def _meta_shape(config_json: str) -> ModelShape:
 
 def stage_estimate(cfg: DictConfig, shape: ModelShape, train: Any) -> MemoryEstimate:
     """The estimate for one training stage with its ``train`` settings."""
-    import torch
 
-    from align_runner.engine.backend import effective_precision, model_dtype
+    from align_runner.engine.backend import PRECISION_DTYPES, effective_precision, model_dtype
 
     hw, m = cfg.hardware, cfg.model
     precision = effective_precision(hw)
@@ -236,7 +235,7 @@ def stage_estimate(cfg: DictConfig, shape: ModelShape, train: Any) -> MemoryEsti
             checkpointing=bool(m.gradient_checkpointing),
         )
     # weights are stored in the backend's weight dtype: fp32 masters under bf16 autocast by default
-    stored = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model_dtype(hw, str(m.dtype))]
+    stored = {dtype: name for name, dtype in PRECISION_DTYPES.items()}[model_dtype(hw, str(m.dtype))]
     return estimate_memory(
         num_params=total,
         trainable=trainable,

@@ -141,7 +141,9 @@ def _train(v: Mapping[str, Any]) -> list[str]:
     report = v.get("report_to", "none")
     report = [report] if isinstance(report, str) else list(report or [])
     backends = [] if report in (["none"], []) else report
-    bad = [b for b in backends if b not in ("tensorboard", "wandb")]
+    from align_runner.engine.trackers import KNOWN_BACKENDS
+
+    bad = [b for b in backends if b not in KNOWN_BACKENDS]
     if bad:
         raise ConfigError(f"report_to={report!r}: align_runner reports to none, tensorboard or wandb, not {bad}")
     out.append(f"tracking.backends={hydra_value(backends)}")

@@ -11,7 +11,6 @@ optimizers, ...) are errors when given, never ignored.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, ClassVar
@@ -142,8 +141,10 @@ class _Trainer:
 
 def _history(stage_dir: Path) -> tuple[int, list[float]]:
     """(last optimizer step, the logged training losses) from a stage's metrics.jsonl."""
-    path = stage_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    from align_runner.engine.trackers import HISTORY, read_metrics
+
+    path = stage_dir / HISTORY
+    rows = read_metrics(path) if path.exists() else []
     train = [r for r in rows if isinstance(r.get("loss"), float)]
     return max((int(r["step"]) for r in rows), default=0), [r["loss"] for r in train]
 
