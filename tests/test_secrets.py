@@ -53,7 +53,7 @@ def test_a_secret_on_the_command_line_is_in_no_written_file_nor_console(tmp_path
     written = [run_dir / ".hydra" / n for n in ("config.yaml", "overrides.yaml", "hydra.yaml")]
     written += [sweep_dir / "multirun.yaml", sweep_dir / "0" / ".hydra" / "overrides.yaml", sweep_dir / "1" / "run.json"]
     written += [run_dir / "config.yaml", run_dir / "run.json", run_dir / "cli.log"]
-    events, manifests = list(out.glob("store/sft-*/tensorboard/events.*")), list(out.glob("store/*/manifest.json"))
+    events, manifests = list(run_dir.glob("tensorboard/events.*")), list(out.glob("store/*/manifest.json"))
     assert [str(p) for p in written if not p.is_file()] == [] and events and len(manifests) == 2
     assert _files_holding(tmp_path, SECRET) == []
     assert SECRET not in single.stdout + single.stderr + sweep.stdout + sweep.stderr

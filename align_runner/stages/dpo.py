@@ -18,6 +18,7 @@ from torch import Tensor
 
 from align_runner.algos.types import LossOutput, PreferenceLogps
 from align_runner.data.collate import collate_packed_preference, collate_preference, pair_tokens
+from align_runner.engine.metric_names import offline
 from align_runner.models.counted_head import CountedHead
 from align_runner.registry import Input, register_stage
 from align_runner.stages.context import StageContext
@@ -63,6 +64,9 @@ def preference_collate(ctx: StageContext, pad_id: int):
     views=("preference",),
     inputs={"reference": Input("ref_logps", derived="reference", what="reference log-probs")},
     key_metrics=("loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies"),
+    # the losses' own (algos/dpo.py; nll_loss: RPO). A mixture_loss's <loss>/<name> are not declared
+    metrics=offline(*(f"{w}/{s}" for w in ("rewards", "logps") for s in ("chosen", "rejected")),
+                    "rewards/margins", "rewards/accuracies", "nll_loss"),
 )
 def run_dpo(ctx: StageContext) -> dict[str, float]:
     tokenizer = ctx.tokenizer()

@@ -12,6 +12,7 @@ from functools import partial
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from align_runner.algos.rewards import call_reward, mean_score
 from align_runner.algos.sft import sft_loss
@@ -21,6 +22,12 @@ from align_runner.registry import Input, register_stage
 from align_runner.stages.context import StageContext
 
 
+def checker_names(cfg, spec) -> list[str]:
+    """The mean score each checker reports: the configured ones, and the reward model when bound."""
+    names = list(OmegaConf.select(cfg, spec.config).checkers)
+    return names + (["reward_model"] if "reward_model" in dict(spec.inputs) else [])
+
+
 @register_stage(
     "eval",
     trains=False,
@@ -28,6 +35,7 @@ from align_runner.stages.context import StageContext
     # with a reward stage in the pipeline, its model scores the generations too (metric "reward_model")
     inputs={"reward_model": Input("reward", required=False, what="the reward model that scores its generations")},
     key_metrics=("accuracy", "format", "reward_model", "heldout_loss"),
+    metrics=lambda cfg, spec: ("num_prompts", "completion_tokens", "heldout_loss", *checker_names(cfg, spec)),
 )
 def run_eval(ctx: StageContext) -> dict[str, float]:
     ev = ctx.section

@@ -108,7 +108,11 @@ def attach_reference(rows: Sequence[dict], stage_dir: Path, split: str) -> list[
 
 
 @register_stage(
-    "ref_logps", trains=False, views=("preference",), key_metrics=("train/pairs", "train/logps/chosen", "train/logps/rejected")
+    "ref_logps",
+    trains=False,
+    views=("preference",),
+    key_metrics=("train/pairs", "train/logps/chosen", "train/logps/rejected"),
+    metrics=tuple(f"{split}/{name}" for split in SPLITS for name in ("pairs", "logps/chosen", "logps/rejected")),
 )
 def run_ref_logps(ctx: StageContext) -> dict[str, float]:
     tokenizer = ctx.tokenizer()

@@ -23,6 +23,7 @@ from torch import nn
 
 from align_runner.algos.types import LossOutput
 from align_runner.data.collate import pair_tokens
+from align_runner.engine.metric_names import offline
 from align_runner.models.counted_head import model_inputs
 from align_runner.models.loading import enable_gradient_checkpointing, load_sequence_classifier, speed_options
 from align_runner.models.peft import is_peft_model, peft_lora_config
@@ -87,7 +88,13 @@ def reward_step(model, batch: dict, *, loss_fn, token_scores: TokenScores | None
 
 
 @register_stage(
-    "reward", trains=True, views=("preference",), policy=False, key_metrics=("loss", "eval/accuracy", "accuracy")
+    "reward",
+    trains=True,
+    views=("preference",),
+    policy=False,
+    key_metrics=("loss", "eval/accuracy", "accuracy"),
+    # algos.reward.bradley_terry_loss's
+    metrics=offline("accuracy", "margin", "rewards/chosen_mean", "rewards/rejected_mean", "rewards/std"),
 )
 def run_reward(ctx: StageContext) -> dict[str, float]:
     tokenizer = ctx.tokenizer()

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from align_runner.algos.sft import IGNORE_INDEX
 from align_runner.algos.types import LossOutput
 from align_runner.data.collate import collate_packed_sft, collate_sft, sft_tokens
+from align_runner.engine.metric_names import offline
 from align_runner.models.counted_head import CountedHead
 from align_runner.registry import register_stage
 from align_runner.stages.context import StageContext
@@ -23,7 +24,13 @@ def sft_step(model, batch: dict, *, head: CountedHead, loss_fn) -> LossOutput:
     return loss_fn(head.target_logps(model, batch, batch["labels"] != IGNORE_INDEX), batch["labels"])
 
 
-@register_stage("sft", trains=True, views=("sft",), key_metrics=("loss", "eval/loss", "mean_token_accuracy"))
+@register_stage(
+    "sft",
+    trains=True,
+    views=("sft",),
+    key_metrics=("loss", "eval/loss", "mean_token_accuracy"),
+    metrics=offline("mean_token_accuracy", "num_tokens"),  # algos.sft.sft_loss's
+)
 def run_sft(ctx: StageContext) -> dict[str, float]:
     tokenizer = ctx.tokenizer()
     policy = ctx.load_policy()
