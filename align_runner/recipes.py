@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align_runner.fsutil import atomic_write_text
+
 PROG = "align-runner recipes"
 TINY_SUFFIX = "_tiny"
 SCALES = ("tiny", "demo")
@@ -228,18 +230,6 @@ def diff_lines(old: dict[str, dict[str, float]], new: dict[str, dict[str, float]
 # ------------------------------------------------------------------------------------------- running
 
 
-@contextlib.contextmanager
-def _keep_threads() -> Iterator[None]:
-    """A run applies its hardware.cpu_threads to this process; the caller's count comes back after it."""
-    import torch
-
-    before = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def preflight(recipes: Sequence[Recipe], config_dirs: Sequence[str | Path] = ()) -> dict[str, str]:
     """Compose every recipe before any runs (a bad one fails first, not after an hour of the others);
     returns each one's model cache dir, absolute: a temporary store still reuses built base models."""
@@ -251,6 +241,8 @@ def preflight(recipes: Sequence[Recipe], config_dirs: Sequence[str | Path] = ())
 
 def run_recipe(recipe: Recipe, *, outputs: Path | None, cache: str, config_dirs: Sequence[str | Path] = ()) -> dict[str, float]:
     """Run one recipe (into ``outputs``, or the configured outputs when None) and return what it measured."""
+    import torch
+
     from align_runner import api
 
     overrides = [f"experiment={recipe.name}", "train.progress=false"]
@@ -258,8 +250,11 @@ def run_recipe(recipe: Recipe, *, outputs: Path | None, cache: str, config_dirs:
         overrides += [f"paths.outputs={outputs}", f"paths.cache={cache}"]
     t0 = time.perf_counter()
     print(f"{PROG}: running {recipe.name} ({recipe.scale})", file=sys.stderr, flush=True)
-    with _keep_threads():
+    threads = torch.get_num_threads()
+    try:
         result = api.run(overrides, config_dirs=config_dirs)
+    finally:  # a run applies its hardware.cpu_threads to this process: the caller's count comes back
+        torch.set_num_threads(threads)
     print(f"{PROG}: {recipe.name} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     return measure(result.run_dir)
 
@@ -300,7 +295,7 @@ def update(recipes: Sequence[Recipe], *, store: bool = False, config_dirs: Seque
             now = run_recipe(r, outputs=outputs, cache=caches[r.name], config_dirs=config_dirs)
             metrics = new_golden(r.scale, now, old)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(golden_text(r, metrics))
+            atomic_write_text(path, golden_text(r, metrics))
             diffs[r.name] = diff_lines(old, metrics)
     return diffs
 

@@ -173,7 +173,11 @@ def test_a_changed_loss_fails_the_check_naming_the_metric(env, capsys, monkeypat
     """The SFT loss doubled: a fresh store (the default) recomputes SFT, and the check names the metrics
     that moved; step 1's loss, before any update, is exactly twice the golden one."""
     import align_runner.algos.sft as sft
+    from align_runner.registry import get_stage
 
+    # stage modules import sft_loss by name (eval's held-out loss): loaded first, they keep the
+    # original, so the doubled loss reaches only the configured `algorithm.loss` of this test's run
+    get_stage("eval")
     original = sft.sft_loss
 
     @functools.wraps(original)
