@@ -1,4 +1,4 @@
-"""align-runner recipes: named pipelines with golden metrics, rerun and compared (``list``, ``check``, ``update``).
+"""align-runner recipes: named pipelines with golden metrics, rerun and compared (list, check, update).
 
 A recipe is a file of the ``experiment`` config group, ``align_runner/conf/experiment/<name>.yaml`` (or
 ``DIR/experiment/<name>.yaml`` with ``--config-dir DIR``); ``python -m align_runner experiment=<name>``
