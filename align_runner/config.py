@@ -257,8 +257,9 @@ class AlgorithmConfig:
 
 @dataclass
 class ReferenceConfig:
-    # name of the ref_logps stage whose log-probs a dpo stage reads (pipeline=auto adds it by this name)
-    stage: str = "ref_logps"
+    # name of the ref_logps stage whose log-probs a dpo stage reads (pipeline=auto adds it by this name);
+    # null = no cached reference (the reference-free losses ORPO / SimPO / CPO, or ref_sync's live one)
+    stage: Optional[str] = "ref_logps"
     # pairs per reference forward pass; batch shapes change the low bits of the sums, so this is part of
     # the reference artifact's key (the loss is not: a beta sweep reuses one artifact)
     batch_size: int = 8
@@ -266,8 +267,8 @@ class ReferenceConfig:
 
 @dataclass
 class RefSyncConfig:
-    # optimizer steps between reference updates (TR-DPO's tau)
-    every: int = 512
+    # optimizer steps between updates of a live reference (TR-DPO's tau); null = no live reference
+    every: Optional[int] = None
     # each update sets reference <- alpha * policy + (1 - alpha) * reference; 1 = hard copy
     alpha: float = 0.6
 
@@ -275,12 +276,11 @@ class RefSyncConfig:
 @dataclass
 class PreferenceAlgorithmConfig(AlgorithmConfig):
     # DPO's frozen reference: the policy's input model (the adapter-disabled base under LoRA), whose
-    # log-probs a ref_logps stage computes once, keyed by that model and the data; null = no cached
-    # reference (the reference-free losses ORPO / SimPO / CPO, or ref_sync's live one)
-    reference: Optional[ReferenceConfig] = field(default_factory=ReferenceConfig)
+    # log-probs a ref_logps stage computes once, keyed by that model and the data
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     # TR-DPO (Gorbatovski et al. 2024): a live reference model in memory, updated towards the policy
-    # during training; needs reference=null (its log-probs change, so none are cached). null = off
-    ref_sync: Optional[RefSyncConfig] = None
+    # during training; needs reference.stage=null (its log-probs change, so none are cached)
+    ref_sync: RefSyncConfig = field(default_factory=RefSyncConfig)
     # LD-DPO (Liu et al. 2024): weight of the log-probs of the tokens past the shorter response of each
     # pair, in [0, 1] (policy and reference alike); null = 1, plain log-probs
     ld_alpha: Optional[float] = None

@@ -24,6 +24,7 @@ _BUILTIN_MODULES = (
     "align_runner.stages.reward",
     "align_runner.stages.ref_logps",
     "align_runner.stages.dpo",
+    "align_runner.stages.kto",
     "align_runner.stages.grpo",
     "align_runner.stages.ppo",
 )

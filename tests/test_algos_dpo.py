@@ -196,6 +196,13 @@ ALL_LOSSES: dict[str, Callable[[PreferenceLogps], LossOutput]] = {
     "apo_down": dpo.apo_down_loss,
     "rpo": dpo.rpo_loss,
     "mixture": functools.partial(dpo.mixture_loss, losses=[dpo.sigmoid_loss, dpo.bco_pair_loss]),
+    "aot": dpo.aot_loss,
+    "aot_unpaired": dpo.aot_unpaired_loss,
+    "discopop": dpo.discopop_loss,
+    "sigmoid_norm": dpo.sigmoid_norm_loss,
+    "forward_kl": functools.partial(dpo.f_divergence_loss, divergence="forward_kl"),
+    "js_divergence": functools.partial(dpo.f_divergence_loss, divergence="js_divergence"),
+    "alpha_divergence": functools.partial(dpo.f_divergence_loss, divergence="alpha_divergence"),
 }
 
 
@@ -310,3 +317,177 @@ def test_mismatched_shapes_raise() -> None:
         dpo.sigmoid_loss(
             PreferenceLogps(*(torch.zeros(2, 1) for _ in range(4)))  # (B, 1) would broadcast silently
         )
+
+
+# ------------------------------------------------------------------ DPO variants (issue 14)
+
+
+def _sorting_batch() -> PreferenceLogps:
+    # a batch where sorting changes the pairing (AOT): policy/ref chosen and rejected
+    #   u = pc - pr = [2, -2], v = rc - rr = [0, 3]; a = pc - rc = [1, -1], b = pr - rr = [-1, 4]
+    return _batch(
+        policy_chosen=torch.tensor([-1.0, -4.0], dtype=torch.float64),
+        policy_rejected=torch.tensor([-3.0, -2.0], dtype=torch.float64),
+        ref_chosen=torch.tensor([-2.0, -3.0], dtype=torch.float64),
+        ref_rejected=torch.tensor([-2.0, -6.0], dtype=torch.float64),
+    )
+
+
+def test_aot_compares_sorted_margins() -> None:
+    # sort(u) = [-2, 2], sort(v) = [0, 3] -> delta = [-2, -1]; beta=1
+    # (per-pair DPO would use h = a - b = [2, -5] instead)
+    _check(dpo.aot_loss(_sorting_batch(), beta=1.0), _mean([-_logsig(-2.0), -_logsig(-1.0)]))
+    # label smoothing 0.1: 0.9 * -log sigma(delta) + 0.1 * -log sigma(-delta)
+    expected = _mean([-0.9 * _logsig(d) - 0.1 * _logsig(-d) for d in (-2.0, -1.0)])
+    _check(dpo.aot_loss(_sorting_batch(), beta=1.0, label_smoothing=0.1), expected)
+
+
+def test_aot_unpaired_compares_sorted_log_ratios() -> None:
+    # sort(a) = [-1, 1], sort(b) = [-1, 4] -> delta = [0, -3]; beta=1
+    _check(dpo.aot_unpaired_loss(_sorting_batch(), beta=1.0), _mean([math.log(2), -_logsig(-3.0)]))
+
+
+def test_discopop_by_hand() -> None:
+    # z = beta h = [0.15, 0.075]; tau = 0.05 -> m = sigma(z / tau) = [sigma(3), sigma(1.5)]
+    # loss = (1 - m) * -log sigma(z) + m * exp(-z)
+    def one(z: float) -> float:
+        m = _sig(z / 0.05)
+        return (1 - m) * -_logsig(z) + m * math.exp(-z)
+
+    _check(dpo.discopop_loss(_batch(), beta=0.1, tau=0.05), _mean([one(0.15), one(0.075)]))
+    with pytest.raises(ValueError, match="tau"):
+        dpo.discopop_loss(_batch(), tau=0.0)
+
+
+def test_sigmoid_norm_by_hand() -> None:
+    # a / n_c = [1/4, 0.5/2] = [0.25, 0.25]; b / n_r = [-0.5/5, -0.25/1] = [-0.1, -0.25]
+    # difference [0.35, 0.5]; beta=1 -> -log sigma(0.35), -log sigma(0.5)
+    _check(dpo.sigmoid_norm_loss(_batch(), beta=1.0), _mean([-_logsig(0.35), -_logsig(0.5)]))
+
+
+def test_f_divergences_by_hand() -> None:
+    # a = [1, 0.5], b = [-0.5, -0.25]; beta = 0.1; loss = -log sigma(beta (f'(t_c) - f'(t_r)))
+    def loss(diffs: list[float]) -> float:
+        return _mean([-_logsig(0.1 * d) for d in diffs])
+
+    # reverse KL: f'(t) = log t -> a - b = h: plain DPO
+    _check(dpo.f_divergence_loss(_batch(), divergence="reverse_kl"), loss(H))
+    # forward KL: f'(t) = 1 - 1/t -> (1 - e^-a) - (1 - e^-b) = e^-b - e^-a
+    forward = [math.exp(0.5) - math.exp(-1.0), math.exp(0.25) - math.exp(-0.5)]
+    _check(dpo.f_divergence_loss(_batch(), divergence="forward_kl"), loss(forward))
+    # JS: f'(t) = log 2 + log sigma(log t) -> log sigma(a) - log sigma(b)
+    js = [_logsig(1.0) - _logsig(-0.5), _logsig(0.5) - _logsig(-0.25)]
+    _check(dpo.f_divergence_loss(_batch(), divergence="js_divergence"), loss(js))
+    # alpha = 0.5: f'(t) = (1 - t^-0.5) / 0.5 -> 2 (e^(-0.5 b) - e^(-0.5 a))
+    alpha = [2 * (math.exp(0.25) - math.exp(-0.5)), 2 * (math.exp(0.125) - math.exp(-0.25))]
+    _check(dpo.f_divergence_loss(_batch(), divergence="alpha_divergence", alpha=0.5), loss(alpha))
+    with pytest.raises(ValueError, match="unknown divergence 'kl'"):
+        dpo.f_divergence_loss(_batch(), divergence="kl")
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+        dpo.f_divergence_loss(_batch(), divergence="alpha_divergence", alpha=1.0)
+
+
+def test_wpo_weights_scale_each_pair() -> None:
+    # per-token means m_c = pc / n_c = [-10/4, -8/2] = [-2.5, -4], m_r = pr / n_r = [-12/5, -7.75/1] = [-2.4, -7.75]
+    # weight = exp(m_c + m_r) = [exp(-4.9), exp(-11.75)]
+    weights = dpo.wpo_weights(torch.tensor([-2.5, -4.0], dtype=torch.float64), torch.tensor([-2.4, -7.75], dtype=torch.float64))
+    assert weights.tolist() == pytest.approx([math.exp(-4.9), math.exp(-11.75)])
+    # the loss is the mean of weight * the pair's DPO term
+    out = dpo.sigmoid_loss(_batch(weights=weights), beta=0.1)
+    _check(out, _mean([math.exp(-4.9) * -_logsig(0.15), math.exp(-11.75) * -_logsig(0.075)]))
+
+
+def test_length_desensitised_down_weights_the_verbose_tail() -> None:
+    # full = public + tail: -10 = -6 + -4; ld_alpha = 0.5 -> -6 + 0.5 * -4 = -8; ld_alpha = 1: unchanged
+    full, public = torch.tensor([-10.0, -3.0]), torch.tensor([-6.0, -3.0])
+    assert dpo.length_desensitised(full, public, 0.5).tolist() == [-8.0, -3.0]
+    assert dpo.length_desensitised(full, public, 1.0).tolist() == [-10.0, -3.0]
+    with pytest.raises(ValueError, match="ld_alpha"):
+        dpo.length_desensitised(full, public, 1.5)
+
+
+def test_sft_term_is_the_chosen_nll() -> None:
+    # mean(chosen_nll) = mean(0.5, 1.5) = 1; it reads no reference, so a reference-free batch works
+    out = dpo.sft_loss(_batch(ref_chosen=None, ref_rejected=None))
+    _check(out, 1.0)
+    # as a mixture part beside DPO: log-sigmoid term + 0.5 * 1
+    mixed = dpo.mixture_loss(_batch(), losses=[dpo.sigmoid_loss, dpo.sft_loss], weights=[1.0, 0.5])
+    _check(mixed, _mean([-_logsig(0.15), -_logsig(0.075)]) + 0.5)
+    assert mixed.metrics["sft_loss/nll_loss"].item() == pytest.approx(1.0)
+
+
+# -------------------------------------------------------------- reference-free losses (issue 14)
+
+
+def _no_ref() -> PreferenceLogps:
+    return _batch(ref_chosen=None, ref_rejected=None)
+
+
+def _log_odds(m: float) -> float:
+    return m - math.log(1 - math.exp(m))
+
+
+def test_orpo_by_hand() -> None:
+    # m = per-token mean log-prob: m_c = [-2.5, -4], m_r = [-2.4, -7.75]
+    # log odds(m) = m - log(1 - e^m); ratio = log odds(m_c) - log odds(m_r)
+    # loss = mean(nll - beta * log sigma(ratio)), nll = [0.5, 1.5], beta = 0.1
+    ratios = [_log_odds(-2.5) - _log_odds(-2.4), _log_odds(-4.0) - _log_odds(-7.75)]
+    out = dpo.orpo_loss(_no_ref(), beta=0.1)
+    _check(out, _mean([0.5 - 0.1 * _logsig(ratios[0]), 1.5 - 0.1 * _logsig(ratios[1])]))
+    assert out.metrics["log_odds_ratio"].item() == pytest.approx(_mean(ratios))
+    assert out.metrics["nll_loss"].item() == pytest.approx(1.0)
+    # rewards: beta * m; pair 1 ranks wrong (-2.5 < -2.4), pair 2 right
+    assert out.metrics["rewards/chosen"].item() == pytest.approx(0.1 * _mean([-2.5, -4.0]))
+    assert out.metrics["rewards/accuracies"].item() == 0.5
+
+
+def test_simpo_by_hand() -> None:
+    # beta = 2: rewards r = 2 m: r_c = [-5, -8], r_r = [-4.8, -15.5]; gamma = 0.5
+    # r_c - r_r - gamma = [-0.2 - 0.5, 7.5 - 0.5] = [-0.7, 7.0]
+    out = dpo.simpo_loss(_no_ref(), beta=2.0, gamma=0.5)
+    _check(out, _mean([-_logsig(-0.7), -_logsig(7.0)]))
+    assert out.metrics["rewards/margins"].item() == pytest.approx(_mean([-0.2, 7.5]))
+    assert out.metrics["rewards/accuracies"].item() == 0.5
+    # gamma = 0: no target margin
+    _check(dpo.simpo_loss(_no_ref(), beta=2.0, gamma=0.0), _mean([-_logsig(-0.2), -_logsig(7.5)]))
+
+
+def test_cpo_by_hand() -> None:
+    # u = policy_chosen - policy_rejected = [2, -0.25]; nll = [0.5, 1.5]
+    # sigmoid, beta = 0.1, alpha = 1: -log sigma(0.2) + 0.5, -log sigma(-0.025) + 1.5
+    out = dpo.cpo_loss(_no_ref(), beta=0.1)
+    _check(out, _mean([-_logsig(0.2) + 0.5, -_logsig(-0.025) + 1.5]))
+    # rewards are beta * sequence log-probs: chosen 0.1 * mean(-10, -8) = -0.9
+    assert out.metrics["rewards/chosen"].item() == pytest.approx(-0.9)
+    # hinge, beta = 1, alpha = 0.5: relu(1 - 2) = 0, relu(1 + 0.25) = 1.25; + 0.5 * [0.5, 1.5]
+    _check(dpo.cpo_loss(_no_ref(), beta=1.0, alpha=0.5, loss_type="hinge"), _mean([0.25, 1.25 + 0.75]))
+    # ipo, beta = 0.5: (u - 1)^2 = [1, 1.5625]; alpha = 0
+    _check(dpo.cpo_loss(_no_ref(), beta=0.5, alpha=0.0, loss_type="ipo"), _mean([1.0, 1.5625]))
+    with pytest.raises(ValueError, match="loss_type must be one of sigmoid, hinge, ipo"):
+        dpo.cpo_loss(_no_ref(), loss_type="exo")
+
+
+def test_reference_losses_need_a_reference() -> None:
+    with pytest.raises(ValueError, match="no ref_chosen / ref_rejected"):
+        dpo.sigmoid_loss(_no_ref())
+
+
+def test_needs_reference_reads_the_config() -> None:
+    assert dpo.needs_reference({"_target_": "align_runner.algos.dpo.sigmoid_loss"})
+    for free in ("orpo_loss", "simpo_loss", "cpo_loss", "sft_loss"):
+        assert not dpo.needs_reference({"_target_": f"align_runner.algos.dpo.{free}", "_partial_": True})
+    sft = {"_target_": "align_runner.algos.dpo.sft_loss"}
+    mixture = {"_target_": "align_runner.algos.dpo.mixture_loss", "losses": [sft]}
+    assert not dpo.needs_reference(mixture)
+    assert dpo.needs_reference({**mixture, "losses": [sft, {"_target_": "align_runner.algos.dpo.ipo_loss"}]})
+    assert not dpo.needs_reference(functools.partial(dpo.simpo_loss, gamma=1.0))
+
+
+@pytest.mark.parametrize("name", ["orpo", "simpo", "cpo"])
+def test_reference_free_gradients_prefer_chosen(name: str) -> None:
+    fn = {"orpo": dpo.orpo_loss, "simpo": dpo.simpo_loss, "cpo": dpo.cpo_loss}[name]
+    logps = _batch(requires_grad=True, ref_chosen=None, ref_rejected=None)
+    # chosen_nll is an input here (the stage derives it from policy_chosen); the preference term alone
+    # must push chosen up and rejected down
+    grad_c, grad_r = torch.autograd.grad(fn(logps).loss, (logps.policy_chosen, logps.policy_rejected))
+    assert (grad_c < 0).all() and (grad_r > 0).all()

@@ -7,6 +7,8 @@ unambiguous; anything else is a DataError naming the accepted formats):
 * ``preference``: preference.
 * ``prompt``: prompt-only, prompt-completion, preference and unpaired preference (their prompt), and
   conversational language modeling (the messages before the last assistant turn).
+* ``unpaired``: unpaired preference (``prompt_ids``, ``completion_ids``, ``desirable``), and preference,
+  each pair becoming two rows: chosen desirable, rejected undesirable (KTO).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from align_runner.data.formats import (
 )
 from align_runner.data.tokenize import preference_parts, tokenize_preference, tokenize_prompt, tokenize_sft
 
-VIEWS = ("sft", "preference", "prompt")
+VIEWS = ("sft", "preference", "prompt", "unpaired")
 TRUNCATIONS = ("keep_start", "keep_end", "drop")
 _VIEW_KINDS: dict[str, tuple[Kind, ...]] = {
     "sft": (Kind.LANGUAGE_MODELING, Kind.PROMPT_COMPLETION, Kind.PREFERENCE),
     "preference": (Kind.PREFERENCE,),
     "prompt": (Kind.PROMPT_ONLY, Kind.PROMPT_COMPLETION, Kind.PREFERENCE, Kind.UNPAIRED_PREFERENCE,
                Kind.LANGUAGE_MODELING),
+    "unpaired": (Kind.UNPAIRED_PREFERENCE, Kind.PREFERENCE),
 }
 
 
@@ -159,7 +162,7 @@ def prepare_rows(
             stats.count(dropped=reason)
             continue
         stats.count(truncated=reason)
-        examples.append(fitted)
+        examples.extend(_unpaired(fitted, row, fmt) if view == "unpaired" else [fitted])
     return examples, stats
 
 
@@ -222,6 +225,14 @@ def _tokenize(
 ) -> dict:
     if view == "preference":
         return tokenize_preference(row, fmt, tokenizer, chat_template=chat_template)
+    if view == "unpaired":
+        if fmt.kind is Kind.UNPAIRED_PREFERENCE:
+            # the completion as both sides of a pair: one tokenisation path (chat template, prompt/response
+            # boundary, EOS) and one length policy for paired and unpaired rows
+            row, fmt = {"prompt": row["prompt"], "chosen": row["completion"], "rejected": row["completion"]}, Format(
+                Kind.PREFERENCE, fmt.conversational
+            )
+        return tokenize_preference(row, fmt, tokenizer, chat_template=chat_template)
     if view == "prompt":
         if fmt.kind is Kind.LANGUAGE_MODELING:
             row, fmt = _messages_to_prompt(row), Format(Kind.PROMPT_ONLY, conversational=True)
@@ -233,6 +244,18 @@ def _tokenize(
         row, fmt, tokenizer, completion_only_loss=completion_only_loss,
         assistant_only_loss=assistant_only_loss, chat_template=chat_template,
     )
+
+
+def _unpaired(example: dict, row: Mapping, fmt: Format) -> list[dict]:
+    """The unpaired view's rows of one tokenized (pair-shaped) example: an unpaired row keeps its label,
+    a pair becomes its chosen (desirable) and its rejected (undesirable) completion."""
+    prompt = example["prompt_ids"]
+    if fmt.kind is Kind.UNPAIRED_PREFERENCE:
+        return [{"prompt_ids": prompt, "completion_ids": example["chosen_ids"], "desirable": float(bool(row["label"]))}]
+    return [
+        {"prompt_ids": prompt, "completion_ids": example["chosen_ids"], "desirable": 1.0},
+        {"prompt_ids": prompt, "completion_ids": example["rejected_ids"], "desirable": 0.0},
+    ]
 
 
 def _messages_to_prompt(row: Mapping) -> dict:
@@ -268,7 +291,7 @@ def _fit(
     keys of REASONS; ``untrained`` is the reason for an SFT row that trains no token)."""
     if view == "sft":
         return _fit_sft(example, max_length, truncation, untrained)
-    if view == "preference":
+    if view in ("preference", "unpaired"):
         return _fit_preference(example, max_length, max_prompt_length, truncation)
     return _fit_prompt(example, max_prompt_length or max_length, truncation, tokenizer)
 

@@ -16,6 +16,9 @@ from align_runner.data.prepare import VIEWS, feeds
 from align_runner.data.sources import first_row
 
 SPLITS = ("train", "eval")
+# A view with neither a source of its own nor a shared one that feeds it is converted from another
+# view's own source: KTO's unpaired rows from data.preference's pairs (chosen desirable, rejected not).
+CONVERTED_FROM = {"unpaired": "preference"}
 
 
 def is_set(source: Mapping | None) -> bool:
@@ -43,12 +46,19 @@ def view_source(data: Mapping, view: str, split: str, formats: Mapping[str, tupl
     shared = data.get(split)
     if is_set(shared) and feeds(formats[split][0], view):
         return shared
-    return None
+    parent = (data.get(CONVERTED_FROM.get(view, "")) or {}).get(split)
+    return parent if is_set(parent) else None
 
 
 def own_views(data: Mapping) -> list[str]:
     """The views with a source of their own (``data.<view>.<split>`` naming rows)."""
     return [v for v in VIEWS if any(is_set((data.get(v) or {}).get(split)) for split in SPLITS)]
+
+
+def converted_views(data: Mapping) -> list[str]:
+    """The views ``CONVERTED_FROM`` feeds: those whose source view has rows of its own."""
+    own = own_views(data)
+    return [view for view, parent in CONVERTED_FROM.items() if parent in own]
 
 
 def fed_views(formats: Mapping[str, tuple[Format, str]]) -> list[str]:

@@ -20,7 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 from align_runner.config import stage_train
 from align_runner.data.prepare import VIEWS, accepted_formats
 from align_runner.data.sources import fingerprint_source
-from align_runner.data.views import SPLITS, fed_views, is_set, own_views, shared_formats, view_source
+from align_runner.data.views import (
+    SPLITS,
+    converted_views,
+    fed_views,
+    is_set,
+    own_views,
+    shared_formats,
+    view_source,
+)
 from align_runner.models.fingerprint import source_fingerprint
 from align_runner.registry import Input, get_stage
 from align_runner.stages.context import StageSpec
@@ -62,7 +70,10 @@ def _auto(cfg: DictConfig) -> list[StageSpec]:
         inputs = _provided(stage.inputs, specs)
         for role, inp in stage.inputs.items():
             if inp.derived is not None:
-                name = str(_derived_stage(cfg, config, inp))
+                name = _derived_stage(cfg, config, inp)
+                if name is None:  # the stage's config asks for none (`algorithm.reference.stage: null`)
+                    continue
+                name = str(name)
                 specs.append(StageSpec(name, inp.kind, config=f"{config}.{inp.derived}", model_from=model_from))
                 inputs[role] = name
         specs.append(StageSpec(kind, kind, config=config, model_from=model_from, inputs=tuple(sorted(inputs.items()))))
@@ -171,7 +182,8 @@ def data_views(cfg: DictConfig, specs: list[StageSpec]) -> list[str]:
     read = {v for s in specs for v in get_stage(s.kind).views}
     shared = [v for v in fed_views(formats) if v in read]
     own = own_views(data)
-    built = [v for v in VIEWS if v in own or v in shared]
+    converted = [v for v in converted_views(data) if v in read]  # built only for a pipeline reading it
+    built = [v for v in VIEWS if v in own or v in shared or v in converted]
     required = {s.name: get_stage(s.kind).views[0] for s in specs if get_stage(s.kind).views}
     for view in dict.fromkeys(required.values()):
         if view not in built:

@@ -8,7 +8,12 @@ reference model (upstream key), the data (data_prep key), ``reference.batch_size
 but not the loss: a beta sweep, or a rerun, does no reference forward pass.
 
 Artifact: ``ref-<split>.jsonl`` for the preference view's ``train`` and ``eval`` splits, one line per
-prepared row, in the rows' order: ``{"ref_chosen_logps": float, "ref_rejected_logps": float}``.
+prepared row, in the rows' order: ``{"ref_chosen_logps": float, "ref_rejected_logps": float,
+"ref_chosen_public_logps": float, "ref_rejected_public_logps": float}`` (the ``public`` sums cover the
+first min(chosen, rejected) response tokens of the pair, for LD-DPO's ``ld_alpha``).
+
+The ``unpaired_ref_logps`` kind does the same for KTO's unpaired view: each row's completion and its
+mismatched KL completion (``data/unpaired.py``), as ``{"ref_logps": float, "ref_kl_logps": float}``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import Tensor, nn
 from align_runner.algos.logprobs import sequence_sums
 from align_runner.config import TrainConfig
 from align_runner.data.collate import collate_preference
+from align_runner.data.unpaired import with_kl_completions
 from align_runner.fsutil import atomic_write_text
 from align_runner.models.counted_head import CountedHead
 from align_runner.models.peft import reference_mode
@@ -30,6 +36,10 @@ from align_runner.registry import register_stage
 from align_runner.stages.context import StageContext
 
 REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
+# the same sums over each pair's shared length only (LD-DPO)
+PUBLIC_FIELDS = ("ref_chosen_public_logps", "ref_rejected_public_logps")
+# KTO's: each row's own completion and its mismatched KL completion
+UNPAIRED_FIELDS = ("ref_logps", "ref_kl_logps")
 SPLITS = ("train", "eval")
 
 
@@ -48,10 +58,33 @@ def preference_forward(model: nn.Module, batch: dict, head: CountedHead) -> tupl
     Sequences 0..B-1 are the chosen responses and B..2B-1 the rejected ones; only response tokens count,
     and only they go through the LM head (``head``, installed on ``model``).
     """
+    logps, tokens, _ = preference_forward_public(model, batch, head)
+    return logps, tokens
+
+
+def preference_forward_public(model: nn.Module, batch: dict, head: CountedHead) -> tuple[Tensor, Tensor, Tensor]:
+    """``preference_forward`` plus each sequence's *public* sum: over its first min(len_chosen,
+    len_rejected) response tokens, the length both responses of its pair have (LD-DPO)."""
     picked = head.target_logps(model, batch, batch["loss_mask"])
     sequences = 2 * int(batch["num_items"])
     tokens = torch.bincount(picked.sequence, minlength=sequences)
-    return sequence_sums(picked.logps, picked.sequence, sequences), tokens
+    public = picked.logps * shared_prefix(picked.sequence, tokens).to(picked.logps.dtype)
+    return (
+        sequence_sums(picked.logps, picked.sequence, sequences),
+        tokens,
+        sequence_sums(public, picked.sequence, sequences),
+    )
+
+
+def shared_prefix(sequence: Tensor, tokens: Tensor) -> Tensor:
+    """(N,) bool: whether each token is among the first min(len_c, len_r) of its sequence, for the
+    sequence index (N,) of every token (each sequence's tokens contiguous and in order, as the padded
+    and the packed layouts give them) and the 2B sequences' token counts (chosen first)."""
+    pairs = tokens.numel() // 2
+    shared = torch.minimum(tokens[:pairs], tokens[pairs:]).repeat(2)
+    index = torch.arange(sequence.numel(), device=sequence.device)
+    first = torch.full_like(tokens, sequence.numel()).scatter_reduce(0, sequence, index, reduce="amin")
+    return (index - first[sequence]) < shared[sequence]
 
 
 @torch.no_grad()
@@ -64,7 +97,8 @@ def compute_reference_logps(
     backend,
     chunk_size: int = TrainConfig.logits_chunk_tokens,
 ) -> Tensor:
-    """Reference log-probs of every row: (2, N) float64, [0] chosen and [1] rejected.
+    """Reference log-probs of every row: (4, N) float64, [0] chosen, [1] rejected, [2] and [3] their
+    public sums (``preference_forward_public``).
 
     ``chunk_size``: response tokens whose logits are computed at a time (``train.logits_chunk_tokens``).
 
@@ -75,14 +109,14 @@ def compute_reference_logps(
         raise ValueError(f"reference.batch_size must be >= 1, got {batch_size}")
     model.eval()
     head = CountedHead(model, chunk_size)
-    out = torch.zeros(2, len(rows), dtype=torch.float64)
+    out = torch.zeros(4, len(rows), dtype=torch.float64)
     for start in range(backend.rank * batch_size, len(rows), batch_size * backend.world_size):
         stop = min(start + batch_size, len(rows))
         batch = collate_preference(rows[start:stop], pad_id)
         batch = {k: v.to(backend.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         with reference_mode(model), backend.autocast():
-            logps, _ = preference_forward(model, batch, head)
-        out[:, start:stop] = logps.detach().double().cpu().view(2, -1)
+            logps, _, public = preference_forward_public(model, batch, head)
+        out[:, start:stop] = torch.cat([logps, public]).detach().double().cpu().view(4, -1)
     return backend.all_reduce_sum(out).cpu()
 
 
@@ -96,15 +130,24 @@ def load_reference_logps(stage_dir: Path, split: str) -> list[dict[str, float]]:
         return [json.loads(line) for line in f]
 
 
-def attach_reference(rows: Sequence[dict], stage_dir: Path, split: str) -> list[dict]:
-    """``rows`` with their reference log-probs added as ``ref_chosen_logps`` / ``ref_rejected_logps``."""
+def attach_reference(
+    rows: Sequence[dict], stage_dir: Path, split: str, fields: Sequence[str] = REF_FIELDS
+) -> list[dict]:
+    """``rows`` with their reference log-probs added as ``fields`` (default ``ref_chosen_logps`` /
+    ``ref_rejected_logps``)."""
     refs = load_reference_logps(stage_dir, split)
+    missing = [k for k in fields if refs and k not in refs[0]]
+    if missing:
+        raise ReferenceMismatchError(
+            f"{ref_path(stage_dir, split)} has no {missing[0]!r} (it holds {sorted(refs[0])}); it was computed "
+            "by an older align_runner: recompute it with pipeline.force=[ref_logps]"
+        )
     if len(refs) != len(rows):
         raise ReferenceMismatchError(
             f"{ref_path(stage_dir, split)} has {len(refs)} rows but the {split!r} preference split has "
             f"{len(rows)}; the reference log-probs were computed on other data"
         )
-    return [{**row, **{k: ref[k] for k in REF_FIELDS}} for row, ref in zip(rows, refs)]
+    return [{**row, **{k: ref[k] for k in fields}} for row, ref in zip(rows, refs)]
 
 
 @register_stage(
@@ -115,13 +158,32 @@ def attach_reference(rows: Sequence[dict], stage_dir: Path, split: str) -> list[
     metrics=tuple(f"{split}/{name}" for split in SPLITS for name in ("pairs", "logps/chosen", "logps/rejected")),
 )
 def run_ref_logps(ctx: StageContext) -> dict[str, float]:
+    return _reference_logps(ctx, "preference", (*REF_FIELDS, *PUBLIC_FIELDS), ("pairs", "chosen", "rejected"))
+
+
+@register_stage(
+    "unpaired_ref_logps",
+    trains=False,
+    views=("unpaired",),
+    key_metrics=("train/rows", "train/logps/completion", "train/logps/kl"),
+    metrics=tuple(f"{split}/{name}" for split in SPLITS for name in ("rows", "logps/completion", "logps/kl")),
+)
+def run_unpaired_ref_logps(ctx: StageContext) -> dict[str, float]:
+    return _reference_logps(ctx, "unpaired", UNPAIRED_FIELDS, ("rows", "completion", "kl"))
+
+
+def _reference_logps(ctx: StageContext, view: str, fields: Sequence[str], names: Sequence[str]) -> dict[str, float]:
+    """Write ``fields`` of every row of ``view``'s splits; metrics ``<split>/<names[0]>`` (rows) and
+    ``<split>/logps/<names[1]>``, ``<names[2]>`` (mean log-probs of the two sequences)."""
     tokenizer = ctx.tokenizer()
     model = ctx.backend.prepare_eval(ctx.load_policy())
     metrics: dict[str, float] = {}
     for split in SPLITS:
-        if not ctx.has_dataset("preference", split):
+        if not ctx.has_dataset(view, split):
             continue
-        rows = ctx.dataset("preference", split)
+        rows = ctx.dataset(view, split)
+        if view == "unpaired":  # the same KL pairs as the kto stage builds
+            rows = with_kl_completions(rows, int(ctx.cfg.data.max_length))
         table = compute_reference_logps(
             model,
             rows,
@@ -129,13 +191,13 @@ def run_ref_logps(ctx: StageContext) -> dict[str, float]:
             batch_size=int(ctx.section.batch_size),
             backend=ctx.backend,
             chunk_size=int(ctx.train.logits_chunk_tokens),
-        )
+        )[: len(fields)]
         if ctx.is_main:
-            lines = (json.dumps(dict(zip(REF_FIELDS, pair))) + "\n" for pair in table.t().tolist())
+            lines = (json.dumps(dict(zip(fields, values))) + "\n" for values in table.t().tolist())
             atomic_write_text(ref_path(ctx.out_dir, split), "".join(lines))
-        metrics[f"{split}/pairs"] = float(len(rows))
+        metrics[f"{split}/{names[0]}"] = float(len(rows))
         if rows:
-            metrics[f"{split}/logps/chosen"] = float(table[0].mean())
-            metrics[f"{split}/logps/rejected"] = float(table[1].mean())
+            metrics[f"{split}/logps/{names[1]}"] = float(table[0].mean())
+            metrics[f"{split}/logps/{names[2]}"] = float(table[1].mean())
     ctx.tracker.log(metrics, step=0)
     return metrics
