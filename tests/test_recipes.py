@@ -162,9 +162,7 @@ def test_tiny_recipe_matches_its_golden(name, env):
     table = recipes.check_table(results)
     assert recipes.exit_code(results) == 0, table
     metrics = {r.metric for r in results[name]}
-    main = name.removesuffix("_tiny")
-    stage = {"ipo": "dpo", "dr_grpo": "grpo", "dapo": "grpo", "gspo": "grpo", "rloo": "grpo",
-             "reinforce_pp": "grpo", "grpo_rm": "grpo"}.get(main, main)
+    stage = api.compose([f"experiment={name}"]).algorithm.kind  # pipeline=auto names the main stage by its kind
     # the golden holds the main stage's loss trajectory and its final metrics
     assert f"{stage}/loss@step1" in metrics and f"{stage}/loss" in metrics, sorted(metrics)
 
