@@ -17,15 +17,15 @@ from align_runner.api import compose
 from align_runner.data.collate import collate_preference
 from align_runner.data.prepared import load_prepared
 from align_runner.models.loading import load_causal_lm, load_tokenizer
-from align_runner.pipeline.graph import PipelineConfigError, build_graph
-from align_runner.pipeline.runner import plan
-from align_runner.pipeline.store import StageStore
-from align_runner.stages.dpo import batch_logps
-from align_runner.stages.ref_logps import (
+from align_runner.models.reference import (
     ReferenceMismatchError,
     attach_reference,
     load_reference_logps,
 )
+from align_runner.pipeline.graph import PipelineConfigError, build_graph
+from align_runner.pipeline.runner import plan
+from align_runner.pipeline.store import StageStore
+from align_runner.stages.dpo import batch_logps
 
 # DPO's config sets a learning rate for real models; the tiny one needs a much larger one to move in a few steps
 FAST_DPO = ["algorithm=dpo", "algorithm.train.lr=1e-3"]

@@ -18,6 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaForCausalLM
 from align_runner.api import compose
 from align_runner.data.errors import DataError
 from align_runner.data.prepared import load_prepared
+from align_runner.models import reference
 from align_runner.pipeline.graph import build_graph
 from align_runner.stages import ref_logps
 from align_runner.stages.context import StageContext
@@ -193,10 +194,10 @@ def test_shared_prefix_marks_the_first_min_length_tokens():
     # 2 pairs, token counts: chosen [3, 2], rejected [4, 1] -> shared lengths [3, 1] (per pair)
     tokens = torch.tensor([3, 2, 4, 1])
     sequence = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
-    assert ref_logps.shared_prefix(sequence, tokens).tolist() == [1, 1, 1, 1, 0, 1, 1, 1, 0, 1]
+    assert reference.shared_prefix(sequence, tokens).tolist() == [1, 1, 1, 1, 0, 1, 1, 1, 0, 1]
     # packed rows put sequences in any order; each one's tokens stay contiguous
     packed = torch.tensor([2, 2, 2, 2, 0, 0, 0, 3, 1, 1])
-    assert ref_logps.shared_prefix(packed, tokens).tolist() == [1, 1, 1, 0, 1, 1, 1, 1, 1, 0]
+    assert reference.shared_prefix(packed, tokens).tolist() == [1, 1, 1, 0, 1, 1, 1, 1, 1, 0]
 
 
 def test_ld_alpha_one_is_dpo_and_the_reference_holds_public_sums(base):
@@ -206,7 +207,7 @@ def test_ld_alpha_one_is_dpo_and_the_reference_holds_public_sums(base):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     # the reference artifact holds the public sums (over the pair's shared length): the shorter response
     # is public as a whole, the longer one's public sum leaves out its tail (log-probs < 0: it is larger)
-    refs = ref_logps.load_reference_logps(Path(dpo.stage("ref_logps").dir), "train")
+    refs = reference.load_reference_logps(Path(dpo.stage("ref_logps").dir), "train")
     for r in refs:
         tails = [r[f"ref_{side}_public_logps"] - r[f"ref_{side}_logps"] for side in ("chosen", "rejected")]
         assert min(tails) == pytest.approx(0.0, abs=1e-6) and max(tails) >= 0
@@ -225,7 +226,7 @@ def test_kto_trains_on_the_demo_pairs_unpaired(base):
     # every kept pair becomes a desirable and an undesirable row
     rows = load_prepared(Path(result.stage("data_prep").dir), "unpaired", "train")
     assert len(rows) == 2 * prep["unpaired/train/kept"] and sum(r["desirable"] for r in rows) == len(rows) / 2
-    refs = ref_logps.load_reference_logps(Path(result.stage("ref_logps").dir), "train")
+    refs = reference.load_reference_logps(Path(result.stage("ref_logps").dir), "train")
     assert len(refs) == len(rows) and set(refs[0]) == {"ref_logps", "ref_kl_logps"}
     first = train_rows(result, "kto")[0]
     # step 1: the policy is the reference, so r = 0 and z0 = 0: each row's loss is 1 - sigma(0) = 0.5

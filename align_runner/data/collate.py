@@ -257,3 +257,13 @@ def _shared_prompt_layout(prompts: list[list[int]], completions: list[list[int]]
         "row_of": torch.tensor(row_of),
         "slot_of": torch.tensor(slot_of),
     }
+
+
+def preference_collator(ctx, pad_id: int):
+    """The collate function of a preference stage: padded pairs, or with ``train.packing`` the 2B
+    sequences packed into rows of ``data.max_length`` (``ctx``: the stage's context)."""
+    from functools import partial
+
+    if ctx.train.packing:
+        return partial(collate_packed_preference, pad_id=pad_id, max_tokens=int(ctx.cfg.data.max_length))
+    return partial(collate_preference, pad_id=pad_id)

@@ -35,17 +35,17 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from align_runner.algos.dpo import length_desensitised, needs_reference, wpo_weights
 from align_runner.algos.types import LossOutput, PreferenceLogps
 from align_runner.config import stage_train
-from align_runner.data.collate import collate_packed_preference, collate_preference, pair_tokens
+from align_runner.data.collate import pair_tokens, preference_collator
 from align_runner.engine.metric_names import offline
 from align_runner.models.counted_head import CountedHead
-from align_runner.registry import Input, register_stage
-from align_runner.stages.context import StageContext
-from align_runner.stages.ref_logps import (
+from align_runner.models.reference import (
     PUBLIC_FIELDS,
     REF_FIELDS,
     attach_reference,
     preference_forward_public,
 )
+from align_runner.registry import Input, register_stage
+from align_runner.stages.context import StageContext
 from align_runner.validate import require
 
 
@@ -176,13 +176,6 @@ def check_dpo(cfg, spec) -> None:
     require(ld_alpha is None or 0 <= ld_alpha <= 1, f"{where}.ld_alpha", "null or a number in [0, 1]", ld_alpha)
 
 
-def preference_collate(ctx: StageContext, pad_id: int):
-    """Padded pairs, or with ``train.packing`` the 2B sequences packed into rows of ``data.max_length``."""
-    if ctx.train.packing:
-        return partial(collate_packed_preference, pad_id=pad_id, max_tokens=int(ctx.cfg.data.max_length))
-    return partial(collate_preference, pad_id=pad_id)
-
-
 @register_stage(
     "dpo",
     trains=True,
@@ -223,7 +216,7 @@ def run_dpo(ctx: StageContext) -> dict[str, float]:
             step,
             model=policy,
             train_data=train_rows,
-            collate=preference_collate(ctx, tokenizer.pad_token_id),
+            collate=preference_collator(ctx, tokenizer.pad_token_id),
             eval_data=eval_rows,
             eval_step=step,
             length=pair_tokens,

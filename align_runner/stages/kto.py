@@ -22,14 +22,13 @@ from omegaconf import OmegaConf
 
 from align_runner.algos.kto import UnpairedLogps
 from align_runner.algos.types import LossOutput
-from align_runner.data.collate import pair_tokens
+from align_runner.data.collate import pair_tokens, preference_collator
 from align_runner.data.unpaired import with_kl_completions
 from align_runner.engine.metric_names import offline
 from align_runner.models.counted_head import CountedHead
+from align_runner.models.reference import UNPAIRED_FIELDS, attach_reference, preference_forward
 from align_runner.registry import Input, register_stage
 from align_runner.stages.context import StageContext
-from align_runner.stages.dpo import preference_collate
-from align_runner.stages.ref_logps import UNPAIRED_FIELDS, attach_reference, preference_forward
 from align_runner.validate import require
 
 
@@ -83,7 +82,7 @@ def run_kto(ctx: StageContext) -> dict[str, float]:
         step,
         model=policy,
         train_data=prepared(train_rows, "train"),
-        collate=preference_collate(ctx, tokenizer.pad_token_id),
+        collate=preference_collator(ctx, tokenizer.pad_token_id),
         eval_data=prepared(eval_rows, "eval") if eval_rows is not None else None,
         eval_step=step,
         length=pair_tokens,

@@ -22,14 +22,13 @@ from hydra.utils import instantiate
 from torch import nn
 
 from align_runner.algos.types import LossOutput
-from align_runner.data.collate import pair_tokens
+from align_runner.data.collate import pair_tokens, preference_collator
 from align_runner.engine.metric_names import offline
 from align_runner.models.counted_head import model_inputs
 from align_runner.models.loading import enable_gradient_checkpointing, load_sequence_classifier, speed_options
 from align_runner.models.peft import is_peft_model, peft_lora_config
 from align_runner.registry import register_stage
 from align_runner.stages.context import StageContext
-from align_runner.stages.dpo import preference_collate
 
 
 def pair_margin(batch: dict) -> torch.Tensor | None:
@@ -114,7 +113,7 @@ def run_reward(ctx: StageContext) -> dict[str, float]:
         step,
         model=model,
         train_data=train_rows,
-        collate=preference_collate(ctx, tokenizer.pad_token_id),
+        collate=preference_collator(ctx, tokenizer.pad_token_id),
         eval_data=eval_rows,
         eval_step=step,
         length=pair_tokens,
