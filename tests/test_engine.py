@@ -236,7 +236,11 @@ def test_a_backend_applies_cpu_threads_and_a_bad_value_is_a_config_error(monkeyp
 
     before = torch.get_num_threads()
     try:
-        get_backend(api.compose(["hardware.cpu_threads=1"]).hardware)
+        hardware = api.compose(["hardware.cpu_threads=1"]).hardware
+        get_backend(hardware)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)  # e.g. restored by a caller between two runs
+        get_backend(hardware)  # the same backend, reused: the run's setting still applies
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -86,8 +86,6 @@ class Backend:
     def __init__(self, hardware: Any):
         self.hardware = hardware
         self.precision = effective_precision(hardware)
-        if hardware.get("cpu_threads") is not None:  # the default is set at launch (cli._self_launch)
-            torch.set_num_threads(int(hardware.cpu_threads))
 
     # -- topology
     @property
@@ -513,4 +511,8 @@ def get_backend(hardware: Any) -> Backend:
     cls = get_backend_class(hardware)
     if _BACKEND is None or type(_BACKEND) is not cls or _BACKEND.hardware != hardware:
         _BACKEND = cls(hardware)
+    # every run applies its setting, also on a reused backend (the default is set at launch:
+    # cli._self_launch), so runs in one process do not inherit each other's thread counts
+    if hardware.get("cpu_threads") is not None:
+        torch.set_num_threads(int(hardware.cpu_threads))
     return _BACKEND
