@@ -20,6 +20,7 @@ from typing import Any
 from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
+from align_runner.config import Truncation
 from align_runner.data.errors import DataError, Shown, row_error
 from align_runner.data.formats import (
     Format,
@@ -32,7 +33,8 @@ from align_runner.data.formats import (
 from align_runner.data.tokenize import preference_parts, tokenize_preference, tokenize_prompt, tokenize_sft
 
 VIEWS = ("sft", "preference", "prompt", "unpaired")
-TRUNCATIONS = ("keep_start", "keep_end", "drop")
+# the config's truncation modes (data.truncation), as the strings this module compares with
+TRUNCATIONS = tuple(t.value for t in Truncation)
 _VIEW_KINDS: dict[str, tuple[Kind, ...]] = {
     "sft": (Kind.LANGUAGE_MODELING, Kind.PROMPT_COMPLETION, Kind.PREFERENCE),
     "preference": (Kind.PREFERENCE,),
