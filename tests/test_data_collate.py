@@ -106,3 +106,19 @@ def test_packed_sft_rows_grow_for_an_example_longer_than_the_budget():
     # rows are as long as the longest example (4 > 2); it fills one, the 1-token example starts another
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [5, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 0, 1, 2]]
+
+
+def test_preference_collator_pads_or_packs_as_the_train_settings_say():
+    from align_runner.data.collate import preference_collator
+
+    examples = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [6]},
+        {"prompt_ids": [7], "chosen_ids": [8], "rejected_ids": [9, 10]},
+    ]
+    padded = preference_collator(PAD, packing=False, max_tokens=16)(examples)
+    assert padded["input_ids"].shape == (4, 5) and "position_ids" not in padded
+    packed = preference_collator(PAD, packing=True, max_tokens=16)(examples)
+    # the four sequences (5 + 2 + 3 + 3 = 13 tokens) fit one row of 16, positions restarting per sequence
+    assert packed["input_ids"].shape[0] == 1
+    assert int((packed["sequence_ids"] >= 0).sum()) == 13 and packed["num_items"] == 2
+    assert sorted(packed["position_ids"][0].tolist()).count(0) >= 4

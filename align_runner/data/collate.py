@@ -259,11 +259,11 @@ def _shared_prompt_layout(prompts: list[list[int]], completions: list[list[int]]
     }
 
 
-def preference_collator(ctx, pad_id: int):
-    """The collate function of a preference stage: padded pairs, or with ``train.packing`` the 2B
-    sequences packed into rows of ``data.max_length`` (``ctx``: the stage's context)."""
+def preference_collator(pad_id: int, *, packing: bool, max_tokens: int):
+    """The collate function of a preference stage: padded pairs, or with ``packing`` (``train.packing``)
+    the 2B sequences packed into rows of ``max_tokens`` (``data.max_length``)."""
     from functools import partial
 
-    if ctx.train.packing:
-        return partial(collate_packed_preference, pad_id=pad_id, max_tokens=int(ctx.cfg.data.max_length))
+    if packing:
+        return partial(collate_packed_preference, pad_id=pad_id, max_tokens=max_tokens)
     return partial(collate_preference, pad_id=pad_id)

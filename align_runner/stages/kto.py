@@ -82,7 +82,7 @@ def run_kto(ctx: StageContext) -> dict[str, float]:
         step,
         model=policy,
         train_data=prepared(train_rows, "train"),
-        collate=preference_collator(ctx, tokenizer.pad_token_id),
+        collate=preference_collator(tokenizer.pad_token_id, packing=ctx.train.packing, max_tokens=int(ctx.cfg.data.max_length)),
         eval_data=prepared(eval_rows, "eval") if eval_rows is not None else None,
         eval_step=step,
         length=pair_tokens,

@@ -113,7 +113,7 @@ def run_reward(ctx: StageContext) -> dict[str, float]:
         step,
         model=model,
         train_data=train_rows,
-        collate=preference_collator(ctx, tokenizer.pad_token_id),
+        collate=preference_collator(tokenizer.pad_token_id, packing=ctx.train.packing, max_tokens=int(ctx.cfg.data.max_length)),
         eval_data=eval_rows,
         eval_step=step,
         length=pair_tokens,
