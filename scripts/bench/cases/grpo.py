@@ -67,7 +67,7 @@ def trl_worker(spec: dict) -> dict:
     s = spec["settings"]
     per_step = s["prompts_per_step"] * s["num_generations"]
     args = GRPOConfig(
-        output_dir=str(Path(spec["run_dir"]) / "trl"),
+        **offline.trl_common(spec),
         # one optimizer step = micro-batch x accumulation completions; generation_batch_size defaults to
         # micro-batch x steps_per_generation (= accumulation): one generation of 32 per optimizer step,
         # so no old-logps pass (TRL computes those only when generation and steps are misaligned)
@@ -78,34 +78,14 @@ def trl_worker(spec: dict) -> dict:
         temperature=s["temperature"],
         top_p=1.0,
         top_k=0,
-        learning_rate=s["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        max_grad_norm=1.0,
         beta=s["beta"],
         num_iterations=1,
         epsilon=0.2,
         loss_type="grpo",
         scale_rewards="group",
         max_steps=s["steps"],
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
         use_vllm=False,
-        use_cpu=True,
-        model_init_kwargs={"dtype": "float32"},
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
         log_completions=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        seed=s["seed"],
     )
     trainer = GRPOTrainer(
         model=spec["model_dir"],

@@ -39,15 +39,13 @@ def check_rows(s: dict) -> None:
         raise SystemExit(f"bench: --rows {s['rows']} must be a multiple of the batch ({s['batch']})")
 
 
-def trl_args(config_cls, spec: dict, **fields):
-    """TRL's config for an offline case: the shared settings, then the case's own ``fields``."""
+def trl_common(spec: dict) -> dict:
+    """TRL config fields every case shares (offline and grpo): the optimizer and schedule align_runner
+    runs too, fp32 on the CPU, and nothing that costs time beside training (no saving, reporting,
+    progress bars or loader workers)."""
     s = spec["settings"]
-    common = dict(
+    return dict(
         output_dir=str(Path(spec["run_dir"]) / "trl"),
-        per_device_train_batch_size=s["batch"],
-        gradient_accumulation_steps=1,
-        num_train_epochs=s["epochs"],
-        max_length=s["max_length"],
         learning_rate=s["lr"],
         lr_scheduler_type="constant",
         warmup_steps=0,
@@ -63,14 +61,26 @@ def trl_args(config_cls, spec: dict, **fields):
         model_init_kwargs={"dtype": "float32"},
         report_to="none",
         save_strategy="no",
-        eval_strategy="no",
         logging_steps=1,
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         seed=s["seed"],
     )
-    return config_cls(**{**common, **fields})
+
+
+def trl_args(config_cls, spec: dict, **fields):
+    """TRL's config for an offline case: the shared settings, one epoch of fixed batches, then the
+    case's own ``fields``."""
+    s = spec["settings"]
+    offline = dict(
+        per_device_train_batch_size=s["batch"],
+        gradient_accumulation_steps=1,
+        num_train_epochs=s["epochs"],
+        max_length=s["max_length"],
+        eval_strategy="no",
+    )
+    return config_cls(**{**trl_common(spec), **offline, **fields})
 
 
 def trl_train(trainer) -> dict:
