@@ -212,3 +212,22 @@ def test_fingerprint_of_folders_inline_and_hub(tmp_path):
 def test_fingerprint_of_missing_local_file(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         fingerprint_source({"path": str(tmp_path / "gone.jsonl")})
+
+
+def test_a_plan_reads_each_data_file_once(tmp_path, monkeypatch):
+    """plan() keys every stage by the views it reads; each file is still hashed once per plan, and
+    again by the next plan (it may have changed in between)."""
+    from align_runner import api
+    from align_runner.data import sources
+    from align_runner.pipeline.runner import plan
+    from align_runner.pipeline.store import StageStore
+
+    reads = []
+    hash_file = sources._hash_file
+    monkeypatch.setattr(sources, "_hash_file", lambda digest, path: reads.append(path.name) or hash_file(digest, path))
+    cfg = api.compose(["model=tiny", "algorithm=dpo", f"paths.outputs={tmp_path}"])
+    plan(cfg, StageStore(cfg.paths.store))
+    files = sorted(set(reads))
+    assert "preference-train.jsonl" in files and sorted(reads) == files  # every file once
+    plan(cfg, StageStore(cfg.paths.store))
+    assert sorted(reads) == sorted(files * 2)

@@ -16,11 +16,12 @@ Rows are returned as plain ``list[dict]`` so every later step is a pure function
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,36 @@ def source_label(source: Mapping) -> str:
     return f"hub:{path}:{source.get('split') or 'train'}"
 
 
+# fingerprints already computed inside fingerprints_memoized(), by source: a plan keys every stage by
+# the data it reads, so one file would otherwise be read once per stage
+_MEMO: dict[str, str] | None = None
+
+
+@contextlib.contextmanager
+def fingerprints_memoized() -> Iterator[None]:
+    """Within this block each source is fingerprinted once (its files are assumed not to change
+    meanwhile, as during one plan); outside it every call reads the content again."""
+    global _MEMO
+    outer = _MEMO
+    _MEMO = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _MEMO = outer
+
+
 def fingerprint_source(source: Mapping) -> str:
+    """:func:`content_fingerprint` of ``source``, computed once per source inside
+    :func:`fingerprints_memoized`."""
+    if _MEMO is None:
+        return content_fingerprint(source)
+    key = _canonical_json(dict(source))
+    if key not in _MEMO:
+        _MEMO[key] = content_fingerprint(source)
+    return _MEMO[key]
+
+
+def content_fingerprint(source: Mapping) -> str:
     """sha256 hex digest of what ``source`` yields: content, not location or mtime.
 
     Local file: its bytes (+ split, limit). Folder: every non-hidden file's relative path and bytes

@@ -84,7 +84,14 @@ def data_fingerprint(cfg: DictConfig, views: list[str]) -> str:
 
 
 def plan(cfg: DictConfig, store: StageStore) -> list[PlannedStage]:
-    """Keys and cache state of every stage, without loading anything."""
+    """Keys and cache state of every stage, without loading anything (each data file read once)."""
+    from align_runner.data.sources import fingerprints_memoized
+
+    with fingerprints_memoized():
+        return _plan(cfg, store)
+
+
+def _plan(cfg: DictConfig, store: StageStore) -> list[PlannedStage]:
     specs = build_graph(cfg)
     views = data_views(cfg, specs)
     force = set(cfg.pipeline.force)
