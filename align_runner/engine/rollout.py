@@ -21,12 +21,14 @@ def generate(
     top_p: float = 1.0,
     batch_size: int = 16,
     seed: int = 0,
+    index: Sequence[int] | None = None,
     progress: bool = True,
     desc: str = "generate",
 ) -> list[list[int]]:
     """Completion token ids for each prompt (prompt excluded, ending with the EOS it stopped at), for
-    eval: the ``Generator`` online RL samples with, row i seeded from (seed, i). temperature 0 is greedy
-    (what Hugging Face ``generate`` gives, test_rollout_generator)."""
+    eval: the ``Generator`` online RL samples with, row i seeded from (seed, index[i]); ``index`` is each
+    prompt's place in the whole set (default 0, 1, ...), so a process's share samples what a single
+    process does. temperature 0 is greedy (what Hugging Face ``generate`` gives, test_rollout_generator)."""
     generator = Generator(
         eos_ids=eos_token_ids(model, tokenizer),
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
@@ -35,7 +37,7 @@ def generate(
         top_p=top_p,
         batch_size=batch_size,
     )
-    seeds = [row_seed(seed, i) for i in range(len(prompt_ids))]
+    seeds = [row_seed(seed, i) for i in (range(len(prompt_ids)) if index is None else index)]
     return [c.ids for c in generator.generate(model, prompt_ids, seeds, progress=progress, desc=desc)]
 
 
