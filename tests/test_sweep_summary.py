@@ -123,13 +123,27 @@ def _sweep(tmp_path: Path, model_cache: str, *extra: str):
     return done, sweep
 
 
-# the callback reads only job dirs: any launcher. joblib runs the two jobs at once, in worker processes
-LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
-JOBLIB = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
+def _installed(plugin: str) -> bool:
+    return importlib.util.find_spec(f"hydra_plugins.{plugin}") is not None
+
+
+def _plugin(name: str, plugin: str):
+    return pytest.param(name, marks=pytest.mark.skipif(not _installed(plugin), reason=f"{plugin} is not installed"))
+
+
+# the callback reads only job dirs: any launcher. joblib runs the two jobs at once, in worker processes;
+# submitit_local at once too, each in a subprocess of its own (submitit's .submitit/ folder of logs
+# and pickles sits beside the job dirs)
+LAUNCHERS = {
+    "basic": [],
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    "submitit_local": ["hydra/launcher=submitit_local"],
+}
 
 
 @pytest.mark.parametrize(
-    "launcher", ["basic", pytest.param("joblib", marks=pytest.mark.skipif(not JOBLIB, reason="hydra-joblib-launcher is not installed"))]
+    "launcher",
+    ["basic", _plugin("joblib", "hydra_joblib_launcher"), _plugin("submitit_local", "hydra_submitit_launcher")],
 )
 def test_cli_sweep_writes_a_summary_equal_to_the_jobs_run_json(tmp_path, model_cache, launcher):
     done, sweep = _sweep(
@@ -174,3 +188,88 @@ def test_cli_sweep_with_a_failing_job_lists_it_as_failed(tmp_path, model_cache):
     assert rows[1]["algorithm.loss._target_"] == "test_sweep_summary.failing_loss"
     assert [r["best"] for r in rows] == ["best", ""]  # the only job with an objective
     assert "2 jobs, 1 ok, 1 failed" in (sweep / SUMMARY_MD).read_text()
+
+
+# a user's recipe in their own config dir: an Optuna search over the learning rate
+LR_SEARCH = """# @package _global_
+defaults:
+  - override /search: optuna
+hydra:
+  sweeper:
+    params:
+      train.lr: interval(1e-4, 1e-2)
+"""
+OPTUNA = "hydra_optuna_sweeper"
+
+
+@pytest.mark.skipif(not _installed(OPTUNA), reason=f"{OPTUNA} is not installed")
+def test_optuna_sweep_optimises_the_returned_objective_in_pipeline_direction_and_summarises_its_trials(tmp_path, model_cache):
+    conf = tmp_path / "conf"
+    (conf / "experiment").mkdir(parents=True)
+    (conf / "experiment" / "lr_search.yaml").write_text(LR_SEARCH)
+    out = tmp_path / "outputs"
+    # the search sets train.lr: no fixed value for it on the command line (Optuna would drop it from the search)
+    fixed = [o for o in tiny_overrides(out, model_cache, "train.max_steps=2") if not o.startswith("train.lr=")]
+    # maximize, not Optuna's default: a search that minimised would pick the other trial
+    extra = ["experiment=lr_search", "pipeline.objective=sft/eval/loss", "pipeline.direction=maximize", "hydra.sweeper.n_trials=2"]
+    done = run_cli(["-m", "--config-dir", str(conf), *fixed, *extra], cwd=tmp_path, env=cli_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = next(out.glob("multirun/*/*"))
+    rows = _csv_rows(sweep)
+    # the swept values come from each job's overrides (Optuna's trials are not in -m a=1,2)
+    assert list(rows[0])[:5] == ["job", "status", "best", "train.lr", "objective"]
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "ok"), ("1", "ok")]
+    lrs = []
+    for row in rows:
+        overrides = yaml.safe_load((sweep / row["job"] / ".hydra" / "overrides.yaml").read_text())
+        assert f"train.lr={row['train.lr']}" in overrides
+        lrs.append(float(row["train.lr"]))
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and lrs[0] != lrs[1]
+    values = [json.loads((sweep / r["job"] / "run.json").read_text())["objective"]["value"] for r in rows]
+    assert [float(r["objective"]) for r in rows] == values and values[0] != values[1]
+    highest = values.index(max(values))
+    assert [r["best"] for r in rows] == ["best" if i == highest else "" for i in range(2)]
+    assert (sweep / SUMMARY_PNG).read_bytes()[:8] == PNG_MAGIC
+    # Optuna got each job's objective back from the task and maximised it (pipeline.direction): its
+    # best trial is the summary's best job
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["best_value"] == max(values) and result["best_params"] == {"train.lr": lrs[highest]}
+
+
+@pytest.mark.skipif(not _installed(OPTUNA), reason=f"{OPTUNA} is not installed")
+def test_optuna_direction_is_taken_from_pipeline_direction_and_a_different_one_is_a_config_error():
+    from align_runner.api import _compose
+    from align_runner.sweep import direction_mismatch
+
+    def composed(*overrides: str):
+        return _compose(["model=tiny", *overrides], hydra_config=True)
+
+    for direction in ("minimize", "maximize"):
+        cfg = composed("search=optuna", f"pipeline.direction={direction}")
+        assert str(cfg.hydra.sweeper.direction) == direction and direction_mismatch(cfg) is None
+    assert composed("search=optuna", "seed=3").hydra.sweeper.sampler.seed == 3  # a seeded search by default
+    assert direction_mismatch(composed()) is None  # the basic sweeper has no direction
+    assert direction_mismatch(composed("hydra/sweeper=optuna", "pipeline.direction=minimize")) is None
+    # the plugin's own default (minimize) against ours (maximize)
+    assert direction_mismatch(composed("hydra/sweeper=optuna")) == (
+        "hydra.sweeper.direction=minimize but pipeline.direction=maximize: the sweeper must optimise the one "
+        "objective (eval_after/accuracy) the way pipeline.direction says. Use search=optuna (it takes "
+        "pipeline.direction), or hydra.sweeper.direction='${pipeline.direction}'"
+    )
+    assert direction_mismatch(composed("search=optuna", "hydra.sweeper.direction=minimize")).startswith(
+        "hydra.sweeper.direction=minimize but pipeline.direction=maximize"
+    )
+    assert direction_mismatch(composed("search=optuna", "hydra.sweeper.direction=[minimize,maximize]")).startswith(
+        "hydra.sweeper.direction=minimize,maximize but pipeline.direction=maximize"
+    )
+
+
+@pytest.mark.skipif(not _installed(OPTUNA), reason=f"{OPTUNA} is not installed")
+def test_a_sweep_whose_optuna_direction_differs_stops_before_any_job(tmp_path, model_cache):
+    out = tmp_path / "outputs"
+    search = ["hydra/sweeper=optuna", "train.lr=interval(1e-4,1e-2)", "hydra.sweeper.n_trials=2"]
+    fixed = [o for o in tiny_overrides(out, model_cache) if not o.startswith("train.lr=")]
+    done = run_cli(["-m", *fixed, *search], cwd=tmp_path, env=cli_env())
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "align_runner: config error: hydra.sweeper.direction=minimize but pipeline.direction=maximize" in done.stderr
+    assert not list(out.glob("multirun/*/*/*/run.json")) and not (out / "store").exists()
