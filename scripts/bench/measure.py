@@ -68,23 +68,59 @@ def steps_flops(model: dict, steps: list[list[dict]]) -> float:
 # ===================================================================================== matmul peak
 
 
-def matmul_peak(sizes: tuple[int, ...], repeats: int) -> dict:
-    """fp32 ``torch.mm`` FLOP/s of n x n matrices (2 n^3 per product): the best of ``repeats`` timed
-    products after two unmeasured ones, per size; ``peak_flops`` is the best over sizes."""
+def matmul_peak(sizes: tuple[int, ...], repeats: int, device: str = "cpu") -> dict:
+    """``torch.mm`` FLOP/s of n x n matrices (2 n^3 per product) in the dtype training computes in
+    (fp32 on the CPU, bf16 on a GPU): the best of ``repeats`` timed products after two unmeasured
+    ones, per size; ``peak_flops`` is the best over sizes."""
     import torch
+    from common import synchronize
 
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     best = {}
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         for _ in range(2):
             torch.mm(a, b)
         times = []
         for _ in range(repeats):
+            synchronize()
             t0 = time.perf_counter()
             torch.mm(a, b)
+            synchronize()
             times.append(time.perf_counter() - t0)
         best[str(n)] = 2.0 * n**3 / min(times)
-    return {"per_size_flops": best, "peak_flops": max(best.values()), "repeats": repeats, "threads": torch.get_num_threads()}
+    return {
+        "per_size_flops": best,
+        "peak_flops": max(best.values()),
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+    }
+
+
+# ===================================================================================== timing
+
+
+def patch_timer(owner, name: str) -> list[float]:
+    """Replace ``owner.name`` (a module's function or a class's method) by a wrapper that times each
+    call, queued GPU work included; returns the list the seconds are appended to."""
+    from common import synchronize
+
+    seconds: list[float] = []
+    inner = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        synchronize()
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            synchronize()
+            seconds.append(time.perf_counter() - t0)
+
+    setattr(owner, name, timed)
+    return seconds
 
 
 # ===================================================================================== engine overhead
@@ -99,26 +135,18 @@ class EngineRecorder:
         from align_runner.engine import loop
 
         self.steps: list[list[dict]] = []
-        self.fit_seconds: list[float] = []
         self.engine = None
         self.step_fn = None
         self._train_step = loop.Engine.train_step
-        fit, train_step, rec = loop.Engine.fit, loop.Engine.train_step, self
+        train_step, rec = loop.Engine.train_step, self
 
         def recording_train_step(engine, state, step, batches):
             rec.engine, rec.step_fn = engine, step
             rec.steps.append(list(batches))
             return train_step(engine, state, step, batches)
 
-        def timed_fit(engine, *args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fit(engine, *args, **kwargs)
-            finally:
-                rec.fit_seconds.append(time.perf_counter() - t0)
-
         loop.Engine.train_step = recording_train_step
-        loop.Engine.fit = timed_fit
+        self.fit_seconds = patch_timer(loop.Engine, "fit")
 
     def replay_overhead(self, model, *, steps: int, repeats: int) -> dict:
         """The first ``steps`` recorded optimizer steps on ``model`` (a fresh copy of the input model),
@@ -136,7 +164,7 @@ class EngineRecorder:
 
         def bare() -> None:
             for batches in replayed:
-                bare_step(state, step, batches, max_grad_norm)
+                bare_step(state, step, batches, max_grad_norm, engine.backend.precision)
 
         return alternate(through_engine, bare, repeats) | {
             "optimizer_steps": len(replayed),
@@ -161,15 +189,20 @@ def rebind_step(step: Callable, model) -> Callable:
     return partial(step.func, *step.args, **keywords)
 
 
-def bare_step(state, step, batches: list[dict], max_grad_norm: float) -> None:
-    """One optimizer step with nothing but PyTorch: each micro-batch's loss (a mean over its
-    num_items) weighted by its share of the step's items, backward, clip, step, zero_grad."""
+def bare_step(state, step, batches: list[dict], max_grad_norm: float, precision: str = "fp32") -> None:
+    """One optimizer step with nothing but PyTorch: each micro-batch moved to the model's device, its
+    loss (a mean over its num_items, under bf16/fp16 autocast unless fp32) weighted by its share of the
+    step's items, backward, clip, step, zero_grad."""
     import torch
 
     state.model.train()
+    device = next(state.model.parameters()).device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     total = sum(float(b["num_items"]) for b in batches)
     for b in batches:
-        out = step(state.model, b)
+        b = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = step(state.model, b)
         (out.loss * (float(b["num_items"]) / total)).backward()
     torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_grad_norm)
     state.optimizer.step()
@@ -180,9 +213,13 @@ def alternate(engine_fn: Callable[[], None], bare_fn: Callable[[], None], repeat
     """``engine_fn`` and ``bare_fn`` timed alternately ``repeats`` times each, after one unmeasured
     call of each (allocator and kernel warm-up); the overhead of each pair and their median, in %."""
 
+    from common import synchronize
+
     def seconds(fn) -> float:
+        synchronize()
         t0 = time.perf_counter()
         fn()
+        synchronize()
         return time.perf_counter() - t0
 
     engine_fn(), bare_fn()

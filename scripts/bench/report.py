@@ -26,6 +26,7 @@ def suite_rows(results: list[dict]) -> dict[str, dict]:
             "ratio": ratio["per_s"] if ratio else None,
             "ratio_pairs": ratio["pairs"] if ratio else None,
             "peak_rss_ratio": ratio["peak_rss_mib"] if ratio else None,
+            "peak_gpu_ratio": ratio.get("peak_gpu_mib") if ratio else None,
             "flops_per_s": a.get("flops_per_s"),
             "peak_share": a.get("peak_share"),
             "overhead_pct": overhead["median_pct"] if overhead else None,
@@ -44,18 +45,21 @@ def suite_markdown(suite: dict) -> str:
         f"# Benchmark suite{' (quick)' if suite['quick'] else ''}: align_runner vs TRL",
         "",
         f"`{suite['command']}` — {m['date']}, {suite['total_seconds']:.0f} s in all; {suite['threads']} torch "
-        f"thread(s); fp32 matmul peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s (best of sizes {', '.join(peak['per_size_flops'])}).",
+        f"thread(s); {_peak_label(peak)} (best of sizes {', '.join(peak['per_size_flops'])}).",
         "",
-        "| case | unit | align_runner / TRL (median) | per repeat | goal | peak RSS ratio | align_runner GFLOP/s | share of matmul peak | engine overhead vs bare loop |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+        "| case | unit | align_runner / TRL (median) | per repeat | goal | peak RSS ratio | peak GPU memory ratio | align_runner GFLOP/s | share of matmul peak | engine overhead vs bare loop |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in suite["cases"].items():
         pairs = ", ".join(f"{x:.2f}x" for x in r["ratio_pairs"]) if r["ratio_pairs"] else "n/a"
         lines.append(
             f"| {name} | {r['unit']}/s | {_x(r['ratio'])} | {pairs} | >= {r['goal_ratio']}x | {_x(r['peak_rss_ratio'])} | "
+            f"{_x(r.get('peak_gpu_ratio'))} | "
             f"{_x(r['flops_per_s'] and r['flops_per_s'] / 1e9, '{:.1f}')} | {_x(r['peak_share'] and 100 * r['peak_share'], '{:.1f}%')} | "
             f"{_x(r['overhead_pct'], '{:+.2f}%')} |"
         )
+    for name, why in suite.get("failed", {}).items():
+        lines.append(f"| {name} | FAILED: {why} |" + " |" * 8)
     lines += [
         "",
         f"Goals (issue 11): the ratios above; peak RSS ratio <= {RSS_GOAL}; engine overhead <= {OVERHEAD_GOAL_PCT:.0f}%; "
@@ -64,6 +68,11 @@ def suite_markdown(suite: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _peak_label(peak: dict) -> str:
+    """'fp32 matmul peak 266.0 GFLOP/s on cpu' (results written before the dtype was recorded: fp32, CPU)."""
+    return f"{peak.get('dtype', 'float32')} matmul peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s on {peak.get('device', 'cpu')}"
 
 
 def case_markdown(res: dict) -> str:
@@ -89,11 +98,13 @@ def case_markdown(res: dict) -> str:
     row(f"{u}/s (best run)", "best_per_s", "{:.2f}", "best_per_s")
     row("training seconds (median)", "seconds", "{:.1f}")
     row("peak RSS MiB (median)", "peak_rss_mib", "{:.0f}", "peak_rss_mib")
+    if all("peak_gpu_mib" in s[k] for k in sides):
+        row("peak GPU memory MiB (median, max_memory_allocated)", "peak_gpu_mib", "{:.0f}", "peak_gpu_mib" if has_ratio else None)
     lines.append("| runs | " + " | ".join(str(s[k]["runs"]) for k in sides) + (" | |" if has_ratio else " |"))
     if has_ratio:
         lines += ["", "align_runner / TRL per repeat: " + ", ".join(f"{x:.2f}x" for x in s["ratio"]["pairs"]) + "."]
     if "align_runner" in s:
-        lines += _align_runner_lines(s["align_runner"])
+        lines += _align_runner_lines(s["align_runner"], res["matmul_peak"])
     codes: dict[str, list[int]] = {}
     for i, r in enumerate(res["runs"]):
         if r["side"] == "align_runner" and r.get("code"):
@@ -114,11 +125,11 @@ def case_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _align_runner_lines(a: dict) -> list[str]:
+def _align_runner_lines(a: dict, peak: dict) -> list[str]:
     lines = [
         "",
         f"align_runner's work: {a['flops'] / 1e12:.3f} TFLOP, {a['flops_per_s'] / 1e9:.2f} GFLOP/s = "
-        f"**{100 * a['peak_share']:.1f}%** of this machine's fp32 matmul peak ({a['peak_flops'] / 1e9:.1f} GFLOP/s). "
+        f"**{100 * a['peak_share']:.1f}%** of this machine's {_peak_label(peak)}. "
         f"FLOPs: {a['flop_formula']}.",
         "",
         "Whole stages (also loading and saving the model): "
@@ -165,7 +176,7 @@ def _context_lines(res: dict) -> list[str]:
     data = res.get("data")
     return [
         "",
-        f"Model: Llama, {mo['num_hidden_layers']} layers, hidden {mo['hidden_size']}, {mo['num_attention_heads']} heads / "
+        f"Model: {mo.get('name', 'smollm2-135m')} layout ({mo['arch']}), {mo['num_hidden_layers']} layers, hidden {mo['hidden_size']}, {mo['num_attention_heads']} heads / "
         f"{mo['num_key_value_heads']} KV, intermediate {mo['intermediate_size']}, vocab {mo['vocab_size']}, tied embeddings, "
         f"{mo['parameters'] / 1e6:.1f}M parameters, {mo['dtype']}, {mo['init']}; tokenizer: {mo['tokenizer']}.",
         "",
@@ -173,7 +184,8 @@ def _context_lines(res: dict) -> list[str]:
         "Settings (both sides): " + ", ".join(f"{k}={v}" for k, v in res["settings"].items()) + ".",
         "",
         f"Machine: {m['cpu_count']} CPUs ({m['cpus_usable']} usable, {m['cpu']}), {res['threads']} torch thread(s) per run, "
-        f"torch {m['torch']}, transformers {m['transformers']}, TRL {m['trl']}, align_runner {m['align_runner']} "
+        + (f"GPU {m['gpu']} (training on it), " if res.get("device") == "cuda" else "")
+        + f"torch {m['torch']}, transformers {m['transformers']}, TRL {m['trl']}, align_runner {m['align_runner']} "
         f"({m['git_sha']}{' + uncommitted changes' if m.get('git_dirty') else ''}), Python {m['python']}; load average "
         f"{load_label(m.get('loadavg_start'))} at start, {load_label(m.get('loadavg_end'))} at end.",
         "",

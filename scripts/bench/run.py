@@ -34,13 +34,14 @@ from typing import Any
 
 from cases import dpo, grpo, reward, sft
 from common import (
+    MODELS,
     RESULTS,
     SIDES,
     Case,
     build_model,
     code_fingerprint,
     machine,
-    peak_rss_mib,
+    peak_memory,
     trl_available,
     worker_env,
 )
@@ -57,6 +58,8 @@ CASES: dict[str, Case] = {
 PREPARE = "_prepare"
 # the model's random init
 MODEL_SEED = 0
+# the matmul peak's square sizes: device -> (full, --quick); a GPU needs large products to reach its peak
+PEAK_SIZES = {"cpu": ([2048, 4096], [512, 1024]), "cuda": ([4096, 8192], [1024, 2048])}
 
 
 def spawn(case: str, role: str, spec_path: Path, result_path: Path, log: Path, threads: int) -> dict:
@@ -83,7 +86,8 @@ def worker_main(case: str, role: str, spec_path: str, result_path: str) -> None:
         out = (c.prepare if role == "prepare" else c.workers[role])(spec)
         if role != "prepare":
             # a worker that builds more after training (the overhead replay) reports training's peak itself
-            out.setdefault("peak_rss_mib", peak_rss_mib())
+            for key, value in peak_memory().items():
+                out.setdefault(key, value)
             out.update(threads=torch.get_num_threads(), code=code)
     Path(result_path).write_text(json.dumps(out, indent=2))
 
@@ -92,7 +96,8 @@ def prepare_worker(spec: dict) -> dict:
     """The matmul peak (first, while this process is fresh), the model, and each case's data."""
     from measure import matmul_peak
 
-    out = {"matmul_peak": matmul_peak(tuple(spec["peak_sizes"]), int(spec["peak_repeats"])), **build_model(spec)}
+    peak = matmul_peak(tuple(spec["peak_sizes"]), int(spec["peak_repeats"]), spec["device"])
+    out = {"matmul_peak": peak, **build_model(spec)}
     out["cases"] = {}
     for name, case_spec in spec["cases"].items():
         Path(case_spec["workdir"]).mkdir(parents=True)
@@ -109,6 +114,7 @@ def prepare(args: argparse.Namespace, names: list[str], workdir: Path) -> tuple[
             "case": name,
             "quick": bool(args.quick),
             "threads": args.threads,
+            "device": args.device,
             "settings": CASES[name].settings(args),
             "workdir": str(workdir / name),
             "model_dir": model_dir,
@@ -118,9 +124,12 @@ def prepare(args: argparse.Namespace, names: list[str], workdir: Path) -> tuple[
     spec = {
         "quick": bool(args.quick),
         "threads": args.threads,
+        "device": args.device,
         "settings": {"seed": MODEL_SEED},
+        "model_name": args.model,
+        "tokenizer_dir": str(args.tokenizer) if args.tokenizer else None,
         "model_dir": model_dir,
-        "peak_sizes": [512, 1024] if args.quick else [2048, 4096],
+        "peak_sizes": PEAK_SIZES[args.device][bool(args.quick)],
         "peak_repeats": 3 if args.quick else 5,
         "cases": cases,
     }
@@ -129,7 +138,7 @@ def prepare(args: argparse.Namespace, names: list[str], workdir: Path) -> tuple[
     out = spawn(PREPARE, "prepare", workdir / "prepare.json", workdir / "prepared.json", workdir / "prepare.log", args.threads)
     peak = out["matmul_peak"]
     print(
-        f"bench: fp32 matmul peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s; model: {out['model']['parameters'] / 1e6:.1f}M "
+        f"bench: {peak['dtype']} matmul peak {peak['peak_flops'] / 1e9:.1f} GFLOP/s on {peak['device']}; model: {out['model']['parameters'] / 1e6:.1f}M "
         f"parameters, tokenizer: {out['model']['tokenizer']}",
         flush=True,
     )
@@ -162,7 +171,8 @@ def run_case(name: str, args: argparse.Namespace, peak: dict, spec: dict) -> dic
             print(f"bench {name}: repeat {r + 1}/{args.repeats} {side} ...", end=" ", flush=True)
             out = spawn(name, side, run_dir / "spec.json", run_dir / "result.json", workdir / f"run-{r}-{side}.log", args.threads)
             out.update(side=side, repeat=r, loadavg_before=load, per_s=out["units"] / out["seconds"])
-            print(f"{out['per_s']:.2f} {case.unit}/s, {out['seconds']:.1f} s, peak RSS {out['peak_rss_mib']:.0f} MiB", flush=True)
+            gpu = f", peak GPU memory {out['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in out else ""
+            print(f"{out['per_s']:.2f} {case.unit}/s, {out['seconds']:.1f} s, peak RSS {out['peak_rss_mib']:.0f} MiB{gpu}", flush=True)
             runs.append(out)
             if not args.keep:
                 shutil.rmtree(run_dir, ignore_errors=True)  # a 135M run's saved model: ~0.5 GB
@@ -187,6 +197,8 @@ def summarise(name: str, case: Case, spec: dict, info: dict, runs: list[dict], s
             "spread": max(r["per_s"] for r in mine) / min(r["per_s"] for r in mine),
             "runs": len(mine),
         }
+        if all("peak_gpu_mib" in r for r in mine):
+            summary[side]["peak_gpu_mib"] = statistics.median(r["peak_gpu_mib"] for r in mine)
     if "align_runner" in summary:
         a = summary["align_runner"]
         mine = [r for r in runs if r["side"] == "align_runner"]
@@ -205,6 +217,7 @@ def summarise(name: str, case: Case, spec: dict, info: dict, runs: list[dict], s
             "per_s": a["per_s"] / t["per_s"],
             "peak_rss_mib": a["peak_rss_mib"] / t["peak_rss_mib"],
             "best_per_s": a["best_per_s"] / t["best_per_s"],
+            **({"peak_gpu_mib": a["peak_gpu_mib"] / t["peak_gpu_mib"]} if "peak_gpu_mib" in a and "peak_gpu_mib" in t else {}),
             # each align_runner run over the TRL run just before it (same repeat, similar machine load)
             "pairs": [
                 next(r["per_s"] for r in runs if r["side"] == "align_runner" and r["repeat"] == i)
@@ -217,6 +230,7 @@ def summarise(name: str, case: Case, spec: dict, info: dict, runs: list[dict], s
         "unit": case.unit,
         "quick": spec["quick"],
         "threads": spec["threads"],
+        "device": spec["device"],
         "command": "python scripts/bench/run.py " + " ".join(sys.argv[1:]),
         "settings": spec["settings"],
         "data": spec.get("data"),
@@ -243,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_main(*argv[1:5])
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("case", choices=[*CASES, "all"], help="a case, or all of them in one invocation")
+    p.add_argument("case", nargs="+", choices=[*CASES, "all"], help="one or more cases, or all of them, in one invocation")
     p.add_argument("--quick", action="store_true", help="a 2-layer Llama and a few rows / steps: a smoke test")
     p.add_argument("--repeats", type=int, default=2, help="runs per side, alternating TRL / align_runner (default 2)")
     p.add_argument("--only", choices=SIDES, help="run one side only")
@@ -252,20 +266,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overhead-steps", type=int, default=None, help="optimizer steps replayed for the engine overhead")
     p.add_argument("--overhead-repeats", type=int, default=None, help="engine / bare pairs of the overhead replay")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads in every worker (default 2)")
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="train on the CPU in fp32 (default) or on GPU 0 in bf16 autocast"
+    )
+    p.add_argument("--model", choices=list(MODELS), default="smollm2-135m", help="the random-init model's layout (default smollm2-135m)")
+    p.add_argument("--max-length", type=int, default=None, help="sft / reward / dpo: max_length, and packed rows' length (default 512)")
+    p.add_argument(
+        "--tokenizer", type=Path, default=None, help="a saved tokenizer's directory instead of the embedded SmolLM2's (e.g. a copy of it)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help=f"where the results go (default {RESULTS})")
     p.add_argument("--keep", action="store_true", help="keep the temporary model / data / logs directory")
     args = p.parse_args(argv)
-    for flag in ("repeats", "steps", "rows", "overhead_steps", "overhead_repeats", "threads"):
+    for flag in ("repeats", "steps", "rows", "overhead_steps", "overhead_repeats", "threads", "max_length"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    suffix = "-quick" if args.quick else ""
+    # results of another device or model layout go beside the default's, not over them
+    suffix = "-quick" * args.quick + "-cuda" * (args.device == "cuda") + f"-{args.model}" * (args.model != "smollm2-135m")
     started = time.perf_counter()
-    results = []
+    results, failed = [], {}
+    names = list(CASES) if "all" in args.case else list(dict.fromkeys(args.case))
     workdir = Path(tempfile.mkdtemp(prefix="ar-bench-"))
     try:
-        peak, specs = prepare(args, list(CASES) if args.case == "all" else [args.case], workdir)
+        peak, specs = prepare(args, names, workdir)
         for name, spec in specs.items():
-            res = run_case(name, args, peak, spec)
+            try:
+                res = run_case(name, args, peak, spec)
+            except RuntimeError as e:  # a failing case must not cost the others' results
+                print(f"bench {name}: FAILED: {e}", flush=True)
+                failed[name] = str(e).splitlines()[0]
+                continue
             write(args.out, name + suffix, res, case_markdown(res))
             results.append(res)
     finally:
@@ -273,18 +302,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    if args.case == "all":
+    if len(names) > 1 and results:
         suite = {
             "command": "python scripts/bench/run.py " + " ".join(argv),
             "quick": bool(args.quick),
             "threads": args.threads,
+            "device": args.device,
             "matmul_peak": peak,
             "machine": results[0]["machine"],
             "cases": suite_rows(results),
+            "failed": failed,
             "total_seconds": time.perf_counter() - started,
         }
         write(args.out, "suite" + suffix, suite, suite_markdown(suite))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

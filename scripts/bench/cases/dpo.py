@@ -10,9 +10,9 @@ the dpo stage's ``fit``: the reference pass amortised over the epoch.
 from __future__ import annotations
 
 import argparse
-import time
 
 from common import Case, read_jsonl
+from measure import patch_timer
 
 from cases import offline, preference
 
@@ -44,17 +44,7 @@ def trl_worker(spec: dict) -> dict:
 def align_runner_worker(spec: dict) -> dict:
     import align_runner.stages.ref_logps as ref_stage
 
-    reference: list[float] = []
-    compute = ref_stage.compute_reference_logps
-
-    def timed(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return compute(*args, **kwargs)
-        finally:
-            reference.append(time.perf_counter() - t0)
-
-    ref_stage.compute_reference_logps = timed
+    reference = patch_timer(ref_stage, "compute_reference_logps")
     out = offline.run_align_runner(
         spec,
         "dpo",

@@ -13,8 +13,8 @@ import statistics
 import time
 from pathlib import Path
 
-from common import Case, peak_rss_mib, read_jsonl, write_jsonl
-from measure import FLOP_FORMULA, EngineRecorder, sequence_flops
+from common import Case, peak_memory, read_jsonl, write_jsonl
+from measure import FLOP_FORMULA, EngineRecorder, patch_timer, sequence_flops
 
 from cases import offline
 
@@ -31,7 +31,7 @@ def settings(args: argparse.Namespace) -> dict:
         "micro_batch_size": 8,
         "optimizer": "AdamW (0.9, 0.999), eps 1e-8, weight decay 0, constant lr, no warmup, clip 1.0",
         "loss": "GRPO (sequence mean of token means), clip eps 0.2, group-normalised advantages",
-        "precision": "fp32, no gradient checkpointing, no vLLM",
+        "precision": offline.precision(args) + ", no vLLM",
         "num_prompts": 64,
         "seed": 0,
         "reward": "bench_rewards.length_reward",
@@ -113,7 +113,7 @@ def overrides(spec: dict) -> list[str]:
         "model=local",
         f"model.source.name_or_path={spec['model_dir']}",
         "model.gradient_checkpointing=false",
-        "hardware=cpu",
+        *offline.hardware(spec),
         "algorithm=grpo",
         "algorithm.stages=[data_prep,grpo]",
         "pipeline.eval=false",
@@ -167,22 +167,12 @@ def align_runner_worker(spec: dict) -> dict:
     recorder = EngineRecorder()
     # time the online loop (rollouts + updates) the way trainer.train() is timed on the TRL side; the
     # stage's own seconds (also loading the policy and saving the trained model) are reported too
-    loop: list[float] = []
-    fit_online = grpo_stage.fit_online
-
-    def timed(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return fit_online(*a, **k)
-        finally:
-            loop.append(time.perf_counter() - t0)
-
-    grpo_stage.fit_online = timed
+    loop = patch_timer(grpo_stage, "fit_online")
     out = Path(spec["run_dir"]) / "align_runner"
     rec = api.run(overrides(spec), run_dir=out / "run").stage("grpo")
     if rec.cache_hit or not loop:
         raise RuntimeError("the grpo stage did not run fit_online: nothing was timed")
-    peak = peak_rss_mib()
+    peak = peak_memory()
     rows = [r for r in read_jsonl(Path(rec.dir) / "metrics.jsonl") if "completions/mean_length" in r]
     result = {
         "seconds": sum(loop),
@@ -193,14 +183,14 @@ def align_runner_worker(spec: dict) -> dict:
         "flop_formula": FLOP_FORMULA + "; each completion: its mean-length prompt + completion trained, and sampled (a forward)",
         "stage_seconds": {"grpo": rec.seconds},
         "overhead": None,
-        "peak_rss_mib": peak,
+        **peak,
         "timed": "fit_online (the grpo stage's rollout/update loop)",
     }
     if spec.get("measure_overhead", True):
         result["overhead"] = recorder.replay_overhead(
             offline.causal_lm(spec["model_dir"]), steps=int(s["overhead_steps"]), repeats=int(s["overhead_repeats"])
         )
-        result["peak_rss_with_replay_mib"] = peak_rss_mib()
+        result["peak_rss_with_replay_mib"] = peak_memory()["peak_rss_mib"]
     return result
 
 

@@ -7,11 +7,21 @@ import argparse
 import time
 from pathlib import Path
 
-from common import peak_rss_mib, read_jsonl
+from common import is_cuda, peak_memory, read_jsonl
 from measure import FLOP_FORMULA, EngineRecorder, batch_sequences, steps_flops
 
 # rendered tokens of a row (prompt + completion, or prompt + one response), both ends included
 ROW_TOKENS = (20, 400)
+# what each device trains in, on both sides: fp32 on the CPU (no native bf16 there); on a GPU bf16
+# autocast over fp32 master weights (TRL's bf16=True, align_runner's hardware=1xgpu)
+PRECISION = {
+    "cpu": "fp32 (bf16=False), no gradient checkpointing, CPU",
+    "cuda": "bf16 autocast over fp32 weights (bf16=True), no gradient checkpointing, one GPU",
+}
+
+
+def precision(args: argparse.Namespace) -> str:
+    return PRECISION[args.device]
 
 
 def settings(args: argparse.Namespace, *, rows: int, quick_rows: int, unit_rows: str) -> dict:
@@ -22,10 +32,10 @@ def settings(args: argparse.Namespace, *, rows: int, quick_rows: int, unit_rows:
         "row_tokens": list(ROW_TOKENS),
         "epochs": 1,
         "batch": 8,  # rows (pairs) per optimizer step, one micro-batch
-        "max_length": 512,
+        "max_length": args.max_length or 512,
         "lr": 1e-5,
         "optimizer": "AdamW (0.9, 0.999), eps 1e-8, weight decay 0, constant lr, no warmup, clip 1.0",
-        "precision": "fp32 (bf16=False), no gradient checkpointing, CPU, no eval, no saving during training",
+        "precision": precision(args) + ", no eval, no saving during training",
         "seed": 0,
         "overhead_steps": args.overhead_steps or 2,
         "overhead_repeats": args.overhead_repeats or (2 if args.quick else 3),
@@ -41,9 +51,9 @@ def check_rows(s: dict) -> None:
 
 def trl_common(spec: dict) -> dict:
     """TRL config fields every case shares (offline and grpo): the optimizer and schedule align_runner
-    runs too, fp32 on the CPU, and nothing that costs time beside training (no saving, reporting,
-    progress bars or loader workers)."""
-    s = spec["settings"]
+    runs too, the device's precision (``PRECISION``), and nothing that costs time beside training (no
+    saving, reporting, progress bars or loader workers)."""
+    s, cuda = spec["settings"], is_cuda(spec)
     return dict(
         output_dir=str(Path(spec["run_dir"]) / "trl"),
         learning_rate=s["lr"],
@@ -54,10 +64,10 @@ def trl_common(spec: dict) -> dict:
         adam_beta2=0.999,
         adam_epsilon=1e-8,
         max_grad_norm=1.0,
-        bf16=False,
+        bf16=cuda,
         fp16=False,
         gradient_checkpointing=False,
-        use_cpu=True,
+        use_cpu=not cuda,
         model_init_kwargs={"dtype": "float32"},
         report_to="none",
         save_strategy="no",
@@ -125,7 +135,7 @@ def align_runner_overrides(spec: dict, kind: str, extra: list[str], micro_batch:
         "model=local",
         f"model.source.name_or_path={spec['model_dir']}",
         "model.gradient_checkpointing=false",
-        "hardware=cpu",
+        *hardware(spec),
         f"algorithm={kind}",
         f"algorithm.stages=[data_prep,{kind}]",
         "pipeline.eval=false",
@@ -152,6 +162,17 @@ def align_runner_overrides(spec: dict, kind: str, extra: list[str], micro_batch:
     ]
 
 
+def hardware(spec: dict) -> list[str]:
+    """align_runner's hardware profile for the bench's device (``PRECISION``); the GPU's memory as the
+    plan's bound (the profile's default is a 24 GB card)."""
+    if not is_cuda(spec):
+        return ["hardware=cpu"]
+    import torch
+
+    gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return ["hardware=1xgpu", "hardware.precision=bf16", f"hardware.device_memory_gb={int(gib)}"]
+
+
 def run_align_runner(
     spec: dict, kind: str, extra: list[str], *, load_fresh, stages: tuple[str, ...] = (), micro_batch: int | None = None
 ) -> dict:
@@ -168,7 +189,7 @@ def run_align_runner(
     hit = [name for name, rec in records.items() if rec.cache_hit]
     if hit or len(recorder.fit_seconds) != 1:
         raise RuntimeError(f"nothing timed: stage(s) {hit} were cache hits, fit ran {len(recorder.fit_seconds)} times")
-    peak = peak_rss_mib()  # training's peak; the replay below builds a second model and optimizer
+    peak = peak_memory()  # training's peak; the replay below builds a second model and optimizer
     model = spec["model"]
     flops = steps_flops(model, recorder.steps)
     overhead = None
@@ -182,8 +203,8 @@ def run_align_runner(
         "flop_formula": FLOP_FORMULA,
         "stage_seconds": {name: rec.seconds for name, rec in records.items()},
         "overhead": overhead,
-        "peak_rss_mib": peak,
-        "peak_rss_with_replay_mib": peak_rss_mib(),
+        **peak,
+        "peak_rss_with_replay_mib": peak_memory()["peak_rss_mib"],
         "timed": f"Engine.fit of the {kind} stage",
         "metrics": read_jsonl(Path(records[kind].dir) / "metrics.jsonl")[-1:],
     }
