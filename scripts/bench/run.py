@@ -116,6 +116,7 @@ def prepare(args: argparse.Namespace, names: list[str], workdir: Path) -> tuple[
             "threads": args.threads,
             "device": args.device,
             "settings": CASES[name].settings(args),
+            "align_runner_overrides": list(args.set),
             "workdir": str(workdir / name),
             "model_dir": model_dir,
         }
@@ -233,6 +234,7 @@ def summarise(name: str, case: Case, spec: dict, info: dict, runs: list[dict], s
         "device": spec["device"],
         "command": "python scripts/bench/run.py " + " ".join(sys.argv[1:]),
         "settings": spec["settings"],
+        "align_runner_overrides": spec.get("align_runner_overrides", []),
         "data": spec.get("data"),
         "model": spec["model"],
         "machine": info,
@@ -273,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=None, help="sft / reward / dpo: max_length, and packed rows' length (default 512)")
     p.add_argument(
         "--tokenizer", type=Path, default=None, help="a saved tokenizer's directory instead of the embedded SmolLM2's (e.g. a copy of it)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra align_runner override (e.g. model.compile=true); its side only, repeatable",
     )
     p.add_argument("--out", type=Path, default=RESULTS, help=f"where the results go (default {RESULTS})")
     p.add_argument("--keep", action="store_true", help="keep the temporary model / data / logs directory")

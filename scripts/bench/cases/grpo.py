@@ -144,6 +144,7 @@ def overrides(spec: dict) -> list[str]:
         f"paths.outputs={out}",
         f"paths.cache={out / 'cache'}",
         f"seed={s['seed']}",
+        *spec.get("align_runner_overrides", []),
     ]
 
 

@@ -159,6 +159,7 @@ def align_runner_overrides(spec: dict, kind: str, extra: list[str], micro_batch:
         f"paths.cache={out / 'cache'}",
         f"seed={s['seed']}",
         *extra,
+        *spec.get("align_runner_overrides", []),
     ]
 
 
