@@ -196,6 +196,7 @@ COMMANDS = {
     "dpo": "align_runner.trl.cli",
     "reward": "align_runner.trl.cli",
     "grpo": "align_runner.trl.cli",
+    "kto": "align_runner.trl.cli",
     "export": "align_runner.export",
     "recipes": "align_runner.recipes",
 }

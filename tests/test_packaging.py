@@ -56,7 +56,7 @@ def test_help_names_the_commands_the_version_flag_and_user_groups(tmp_path):
     (tmp_path / "data" / "mydata.yaml").write_text("defaults:\n  - demo\n  - _self_\nname: mydata\n")
     out = _cli("--help", "--config-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
-    for text in ("align-runner sft|dpo|reward|grpo [TRL flags]", "align-runner export", "--version", "--config-dir DIR",
+    for text in ("align-runner sft|dpo|reward|grpo|kto [flags]", "align-runner export", "--version", "--config-dir DIR",
                  "-sc install=bash"):
         assert text in out.stdout, text
     groups = dict(line.split(": ", 1) for line in out.stdout.splitlines() if line.startswith(("data: ", "algorithm: ")))

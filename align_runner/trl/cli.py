@@ -1,4 +1,4 @@
-"""``align-runner sft|dpo|reward|grpo`` with TRL's flags.
+"""``align-runner sft|dpo|reward|grpo|kto`` with TRL's flags.
 
     align-runner sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara \\
         --output_dir Qwen2.5-0.5B-SFT [--config recipe.yaml] [native.key=value ...]

@@ -1,4 +1,4 @@
-"""``SFTConfig``, ``DPOConfig``, ``RewardConfig``, ``GRPOConfig``: TRL's names and defaults.
+"""``SFTConfig``, ``DPOConfig``, ``RewardConfig``, ``GRPOConfig``, ``KTOConfig``: TRL's names and defaults.
 
 Generated from the table in ``fields.py`` (the rows a Python config has; model and dataset settings
 are the trainer's arguments there). A name the table lacks, set in the constructor or later as an
@@ -55,4 +55,5 @@ SFTConfig = _make("sft", "SFTConfig")
 DPOConfig = _make("dpo", "DPOConfig")
 RewardConfig = _make("reward", "RewardConfig")
 GRPOConfig = _make("grpo", "GRPOConfig")
-CONFIGS = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig, "grpo": GRPOConfig}
+KTOConfig = _make("kto", "KTOConfig")
+CONFIGS = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig, "grpo": GRPOConfig, "kto": KTOConfig}

@@ -15,15 +15,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("sft", "dpo", "reward", "grpo")
+KINDS = ("sft", "dpo", "reward", "grpo", "kto")
 ALL = KINDS
-OFFLINE = ("sft", "dpo", "reward")  # trained on a fixed dataset, with epochs and held-out loss
+OFFLINE = ("sft", "dpo", "reward", "kto")  # trained on a fixed dataset, with epochs and held-out loss
+PREFERENCE = ("dpo", "kto")  # trained against the input model's cached reference log-probs
 
 # `where` of a row: the Python config class, or the CLI only (TRL's ModelConfig / ScriptArguments)
 CONFIG, MODEL, SCRIPT = "config", "model", "script"
 
 # one override value -> Hydra value; SKIP: no override (align_runner's own default stands)
 SKIP = object()
+
+# TRL 1.16's DPO loss_type names -> (align_runner.algos.dpo function, whether it takes label_smoothing);
+# align_runner implements every name TRL has
+DPO_LOSSES = {
+    "sigmoid": ("sigmoid_loss", True), "robust": ("robust_loss", True), "ipo": ("ipo_loss", False),
+    "hinge": ("hinge_loss", False), "exo_pair": ("exo_loss", True), "nca_pair": ("nca_loss", False),
+    "bco_pair": ("bco_pair_loss", False), "sppo_hard": ("sppo_hard_loss", False),
+    "apo_zero": ("apo_zero_loss", False), "apo_down": ("apo_down_loss", False),
+    "aot": ("aot_loss", True), "aot_unpaired": ("aot_unpaired_loss", True), "discopop": ("discopop_loss", False),
+    "sigmoid_norm": ("sigmoid_norm_loss", False), "sft": ("sft_loss", False),
+}
+# TRL's f_divergence_type names (align_runner.algos.dpo.F_DIVERGENCES, not imported: this table loads no torch)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# TRL 1.16's KTO loss_type names: each is align_runner.algos.kto.<name>_loss
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
 
 
 def same(value: Any) -> Any:
@@ -55,7 +71,7 @@ FIELDS: tuple[Field, ...] = (
     # ------------------------------------------------------------------ training (TrainingArguments)
     Field("output_dir", ALL, str, None, "(the final model is copied here)", None,
           note="None: `trainer_output`, as in transformers"),
-    Field("learning_rate", ALL, float, {"sft": 2e-5, "dpo": 1e-6, "reward": 1e-4, "grpo": 1e-6}, "algorithm.train.lr"),
+    Field("learning_rate", ALL, float, {"sft": 2e-5, "dpo": 1e-6, "reward": 1e-4, "grpo": 1e-6, "kto": 1e-6}, "algorithm.train.lr"),
     Field("per_device_train_batch_size", OFFLINE, int, 8, "algorithm.train.micro_batch_size"),
     Field("per_device_train_batch_size", ("grpo",), int, 8, "algorithm.train.micro_batch_size, algorithm.prompts_per_rollout", None,
           note="completions per micro-batch; a rollout samples per_device x processes x steps_per_generation completions"),
@@ -101,7 +117,8 @@ FIELDS: tuple[Field, ...] = (
     Field("disable_tqdm", ALL, bool, None, "algorithm.train.progress", None),
     Field("push_to_hub", ALL, bool, False, "(none)", fixed=True,
           note="`align-runner export <run> --push-to-hub REPO`"),
-    Field("disable_dropout", ("dpo", "reward", "grpo"), bool, {"dpo": True, "reward": True, "grpo": False}, "(none)",
+    Field("disable_dropout", ("dpo", "reward", "grpo", "kto"), bool, {"dpo": True, "reward": True, "grpo": False, "kto": True},
+          "(none)",
           fixed=True, note="the model's own dropout settings apply (0 in Llama / Qwen / SmolLM configs)"),
     # ----------------------------------------------------------------------------------- data
     Field("max_length", OFFLINE, int, 1024, "data.max_length"),
@@ -115,14 +132,33 @@ FIELDS: tuple[Field, ...] = (
     Field("activation_offloading", ("sft",), bool, False, "algorithm.train.offload_activations"),
     Field("loss_type", ("sft",), str, "nll", "algorithm.loss", fixed=True),
     # ------------------------------------------------------------------------------------ DPO
-    Field("beta", ("dpo", "grpo"), float, {"dpo": 0.1, "grpo": 0.0}, "algorithm.loss.beta"),
-    Field("loss_type", ("dpo",), list, ["sigmoid"], "algorithm.loss._target_", None,
-          choices=("sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down"),
-          note="align_runner.algos.dpo.<name>_loss"),
+    Field("beta", ("grpo", "kto"), float, {"grpo": 0.0, "kto": 0.1}, "algorithm.loss.beta"),
+    Field("beta", ("dpo",), float, 0.1, "algorithm.loss.beta", None, note="each part's beta in a mixture"),
+    Field("loss_type", ("dpo",), list, ["sigmoid"], "algorithm.loss._target_", None, choices=tuple(DPO_LOSSES),
+          note="align_runner.algos.dpo.<name>_loss (exo_pair: exo_loss, nca_pair: nca_loss); several: mixture_loss"),
+    Field("loss_weights", ("dpo",), list, None, "algorithm.loss.weights", None,
+          note="one weight per loss_type, for mixture_loss; None: 1.0 each"),
     Field("label_smoothing", ("dpo",), float, 0.0, "algorithm.loss.label_smoothing", None),
-    Field("precompute_ref_log_probs", ("dpo",), bool, False, "(always: the ref_logps stage)", lambda v: SKIP,
+    Field("discopop_tau", ("dpo",), float, 0.05, "algorithm.loss.tau", None, note="loss_type discopop"),
+    Field("f_divergence_type", ("dpo",), str, "reverse_kl", "algorithm.loss._target_", None, choices=F_DIVERGENCES,
+          note="not reverse_kl: align_runner.algos.dpo.f_divergence_loss (loss_type sigmoid only)"),
+    Field("f_alpha_divergence_coef", ("dpo",), float, 0.5, "algorithm.loss.alpha", None,
+          note="alpha = 1 - this (the f-DPO paper's parametrisation); in (0, 1)"),
+    Field("use_weighting", ("dpo",), bool, False, "algorithm.use_weighting", note="WPO's pair weights"),
+    Field("ld_alpha", ("dpo",), float, None, "algorithm.ld_alpha", unless_none, note="LD-DPO"),
+    Field("sync_ref_model", ("dpo",), bool, False, "algorithm.ref_sync.every", None,
+          note="TR-DPO's live reference (no ref_logps stage); needs save_strategy no"),
+    Field("sync_ref_model", ("kto",), bool, False, "(none)", fixed=True, note="a live reference is DPO's only"),
+    Field("ref_model_sync_steps", ("dpo",), int, 512, "algorithm.ref_sync.every", None, note="with sync_ref_model"),
+    Field("ref_model_mixup_alpha", ("dpo",), float, 0.6, "algorithm.ref_sync.alpha", None, note="with sync_ref_model"),
+    Field("precompute_ref_log_probs", PREFERENCE, bool, False, "(always: the ref_logps stage)", lambda v: SKIP,
           note="reference log-probs are always computed once, as their own cached stage"),
-    Field("precompute_ref_batch_size", ("dpo",), int, None, "algorithm.reference.batch_size", unless_none),
+    Field("precompute_ref_batch_size", PREFERENCE, int, None, "algorithm.reference.batch_size", unless_none),
+    # ------------------------------------------------------------------------------------ KTO
+    Field("loss_type", ("kto",), str, "kto", "algorithm.loss._target_", lambda v: f"align_runner.algos.kto.{v}_loss",
+          choices=KTO_LOSSES, note="align_runner.algos.kto.<name>_loss"),
+    Field("desirable_weight", ("kto",), float, 1.0, "algorithm.loss.desirable_weight"),
+    Field("undesirable_weight", ("kto",), float, 1.0, "algorithm.loss.undesirable_weight"),
     # --------------------------------------------------------------------------------- reward
     Field("center_rewards_coefficient", ("reward",), float, None, "algorithm.loss.center_coef",
           lambda v: 0.0 if v is None else v),

@@ -16,18 +16,16 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from align_runner.trl.fields import SKIP, fields_for
+from align_runner.trl.fields import DPO_LOSSES, SKIP, fields_for
 from align_runner.validate import CONF_DIR, ConfigError
 
 # the metric each trainer's run returns as its objective (a metric its stage reports)
-OBJECTIVE = {"sft": "loss", "dpo": "loss", "reward": "loss", "grpo": "reward"}
-# TRL's loss_type names -> align_runner.algos.dpo functions; those marked take label_smoothing
-DPO_LOSSES = {
-    "sigmoid": ("sigmoid_loss", True), "robust": ("robust_loss", True), "ipo": ("ipo_loss", False),
-    "hinge": ("hinge_loss", False), "exo_pair": ("exo_loss", True), "nca_pair": ("nca_loss", False),
-    "bco_pair": ("bco_pair_loss", False), "sppo_hard": ("sppo_hard_loss", False),
-    "apo_zero": ("apo_zero_loss", False), "apo_down": ("apo_down_loss", False),
-}
+OBJECTIVE = {"sft": "loss", "dpo": "loss", "reward": "loss", "grpo": "reward", "kto": "loss"}
+DPO = "align_runner.algos.dpo."
+# TRL's DPO loss_type names whose loss reads no reference (alone, the pipeline inserts no ref_logps stage)
+REFERENCE_FREE = {"sft"}
+# the keys of algorithm/dpo.yaml's loss node
+_DPO_FILE_KEYS = ("_target_", "_partial_", "beta", "label_smoothing")
 
 
 def hydra_value(value: Any) -> str:
@@ -176,19 +174,59 @@ def _model(v: Mapping[str, Any]) -> list[str]:
 
 
 def _dpo_loss(v: Mapping[str, Any]) -> list[str]:
+    """``algorithm.loss`` (and the DPO options beside it) for TRL's loss_type, loss_weights, beta,
+    label_smoothing, discopop_tau, the f-divergence and the TR-DPO reference sync."""
     types = v.get("loss_type", ["sigmoid"])
     types = [types] if isinstance(types, str) else list(types)
-    if len(types) != 1:
-        raise ConfigError(f"loss_type={types!r}: a mixture of DPO losses is not mapped from TRL fields; use "
-                          "align_runner.algos.dpo.mixture_loss natively (algorithm.loss._target_)")
-    fn, smooths = DPO_LOSSES[types[0]]
+    parts = [_dpo_part(t, v) for t in types]
+    weights = v.get("loss_weights")
+    if weights is not None and len(weights) != len(types):
+        raise ConfigError(f"loss_weights has {len(weights)} values for the {len(types)} loss types {types}")
+    if len(parts) == 1:  # the algorithm file's loss node (_target_, beta, label_smoothing), changed in place
+        node = parts[0]
+        out = [f"algorithm.loss._target_={node['_target_']}", f"algorithm.loss.beta={node['beta']!r}"]
+        smoothing = node.get("label_smoothing")
+        out.append("~algorithm.loss.label_smoothing" if smoothing is None else f"algorithm.loss.label_smoothing={smoothing!r}")
+        out += [f"+algorithm.loss.{k}={hydra_value(x)}" for k, x in node.items() if k not in _DPO_FILE_KEYS]
+    else:
+        out = [f"algorithm.loss._target_={DPO}mixture_loss", "~algorithm.loss.beta", "~algorithm.loss.label_smoothing",
+               f"+algorithm.loss.losses={hydra_value(parts)}",
+               f"+algorithm.loss.weights={hydra_value([float(w) for w in weights or [1.0] * len(types)])}"]
+    sync = bool(v.get("sync_ref_model"))
+    if sync and v.get("save_strategy", "steps") != "no":
+        raise ConfigError("sync_ref_model=True: the live reference is not checkpointed (a resumed run would start "
+                          "from another reference); set save_strategy='no'")
+    if sync or set(types) <= REFERENCE_FREE:  # a live reference, or none: no ref_logps stage
+        out.append("algorithm.reference.stage=null")
+    if sync:
+        out += [f"algorithm.ref_sync.every={int(v.get('ref_model_sync_steps', 512))}",
+                f"algorithm.ref_sync.alpha={float(v.get('ref_model_mixup_alpha', 0.6))!r}"]
+    return out
+
+
+def _dpo_part(name: str, v: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``_target_`` node of one TRL loss_type (a partial of its align_runner.algos.dpo function)."""
+    fn, smooths = DPO_LOSSES[name]
+    node: dict[str, Any] = {"_target_": DPO + fn, "_partial_": True, "beta": float(v.get("beta", 0.1))}
     smoothing = float(v.get("label_smoothing", 0.0))
-    out = [f"algorithm.loss._target_=align_runner.algos.dpo.{fn}"]
     if smooths:
-        return [*out, f"algorithm.loss.label_smoothing={smoothing!r}"]
-    if smoothing:
-        raise ConfigError(f"label_smoothing={smoothing} does not apply to loss_type={types[0]!r}")
-    return [*out, "~algorithm.loss.label_smoothing"]
+        node["label_smoothing"] = smoothing
+    elif smoothing:
+        raise ConfigError(f"label_smoothing={smoothing} does not apply to loss_type={name!r}")
+    if name == "discopop":
+        node["tau"] = float(v.get("discopop_tau", 0.05))
+    divergence = v.get("f_divergence_type", "reverse_kl")
+    if divergence != "reverse_kl":
+        if name != "sigmoid" or smoothing:
+            raise ConfigError(f"f_divergence_type={divergence!r} with loss_type={name!r}"
+                              f"{' and label_smoothing' if smoothing else ''}: align_runner implements the f-divergences "
+                              "for the plain sigmoid loss only (align_runner.algos.dpo.f_divergence_loss)")
+        coef = float(v.get("f_alpha_divergence_coef", 0.5))
+        if divergence == "alpha_divergence" and not 0 < coef < 1:
+            raise ConfigError(f"f_alpha_divergence_coef={coef}: expected a number in (0, 1) (1 is reverse_kl)")
+        node = {"_target_": DPO + "f_divergence_loss", "_partial_": True, "beta": node["beta"],
+                "divergence": divergence, "alpha": 1 - coef}
+    return node
 
 
 def _grpo(v: Mapping[str, Any], rewards: Sequence[tuple[str, dict]], n_prompts: int | None, world: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""``SFTTrainer``, ``DPOTrainer``, ``RewardTrainer``, ``GRPOTrainer``: TRL's constructors on the pipeline.
+"""``SFTTrainer``, ``DPOTrainer``, ``RewardTrainer``, ``GRPOTrainer``, ``KTOTrainer``: TRL's constructors on the
+pipeline.
 
 A trainer turns its arguments into the override list the CLI flags give (``overrides.build``), checks
 it by composing the config (so bad settings fail in the constructor, before any model loads), and
@@ -205,3 +206,19 @@ class GRPOTrainer(_Trainer):
                          reward_processing_classes=reward_processing_classes, callbacks=callbacks,
                          optimizers=optimizers, quantization_config=quantization_config, tools=tools,
                          rollout_func=rollout_func, environment_factory=environment_factory)
+
+
+class KTOTrainer(_Trainer):
+    """KTO on ``prompt, completion, label`` rows (label true: desirable), or on ``prompt, chosen, rejected``
+    pairs, each pair becoming a desirable and an undesirable row (the unpaired view of data_prep)."""
+
+    kind = "kto"
+
+    def __init__(self, model: Any, ref_model: Any = None, args: Any = None, data_collator: Any = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None, *,
+                 compute_metrics: Any = None, callbacks: Any = None, optimizers: Any = (None, None),
+                 quantization_config: Any = None, peft_config: Any = None) -> None:
+        # as DPO's: the reference is the input model, its log-probs (and the KL samples') a cached stage
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, peft_config,
+                         ref_model=ref_model, data_collator=data_collator, compute_metrics=compute_metrics,
+                         callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config)
