@@ -281,10 +281,19 @@ METHODS = {
     "ld_dpo": (["algorithm=ld_dpo"], "dpo"),
     "tr_dpo": (["algorithm=tr_dpo", "algorithm.ref_sync.every=4"], "dpo"),
 }
-# CPO is not in METHODS: its reward is the summed log-prob, by which the input model already ranks 26 of
-# the 32 held-out pairs right (the demo's chosen answers are much shorter than its chatty rejections);
-# that saturates its sigmoid term (sigma(-beta u) ~ 2e-4) and its NLL term then lowers the accuracy
-# (0.81 -> 0.72 in 16 steps). Its loss is checked by hand in test_algos_dpo.py, its stage runs above.
+# CPO is not in METHODS: no setting of its own objective raises the accuracy it reports, because its
+# reward is the summed log-prob u = logp(chosen) - logp(rejected) and the input model's u on the 32
+# held-out pairs is bimodal: 16 "verbose" pairs (rejected = a ~26-token explanation, u = 156..169 nats,
+# about 6.2 = log 512 per extra token of the random model) are all right already, and 16 wrong-sum pairs
+# ("40" vs "39": same length, |u| < 0.8) are a coin flip, 10 of 16 right: start 26/32. Only the
+# wrong-sum pairs can gain, and only by learning which of two nearby numbers is a + b on unseen sums.
+# No sigmoid is saturated where it matters (beta u ~ 16 only on pairs already right; |beta u| < 0.1 on
+# the others at beta <= 0.1), so a smaller beta changes nothing. Measured (start at lr 1e-12: 0.8125):
+# 16 steps at lr 3e-4: beta 0.1 alpha 1 (the paper's / TRL's CPOConfig defaults) 0.72, alpha 0 0.72,
+# beta 1 0.66, beta 0.006 (1 / the verbose margin) 0.72; lr 1e-3 beta 1 alpha 0 0.72; 8 steps at 1e-3
+# 0.69; on all 512 train pairs at lr 3e-4: 64 steps beta 1 alpha 0 0.84 (27/32, one pair), beta 0.1
+# alpha 1 0.81; 128 steps beta 1 alpha 0 0.81.
+# Its loss is checked by hand in test_algos_dpo.py; its graph (no reference stage) above.
 REFERENCE_FREE = {"orpo", "simpo"}
 _RUNS: dict[str, object] = {}
 
