@@ -292,7 +292,7 @@ METHODS = {
 # 16 steps at lr 3e-4: beta 0.1 alpha 1 (the paper's / TRL's CPOConfig defaults) 0.72, alpha 0 0.72,
 # beta 1 0.66, beta 0.006 (1 / the verbose margin) 0.72; lr 1e-3 beta 1 alpha 0 0.72; 8 steps at 1e-3
 # 0.69; on all 512 train pairs at lr 3e-4: 64 steps beta 1 alpha 0 0.84 (27/32, one pair), beta 0.1
-# alpha 1 0.81; 128 steps beta 1 alpha 0 0.81.
+# alpha 1 0.81; 128 steps beta 1: alpha 0 0.81, alpha 1 0.75.
 # Its loss is checked by hand in test_algos_dpo.py; its graph (no reference stage) above.
 REFERENCE_FREE = {"orpo", "simpo"}
 _RUNS: dict[str, object] = {}
