@@ -208,17 +208,10 @@ class GRPOTrainer(_Trainer):
                          rollout_func=rollout_func, environment_factory=environment_factory)
 
 
-class KTOTrainer(_Trainer):
+class KTOTrainer(DPOTrainer):
     """KTO on ``prompt, completion, label`` rows (label true: desirable), or on ``prompt, chosen, rejected``
-    pairs, each pair becoming a desirable and an undesirable row (the unpaired view of data_prep)."""
+    pairs, each pair becoming a desirable and an undesirable row (the unpaired view of data_prep). TRL's
+    signature is DPO's; as there, the reference is the input model, its log-probs (and the KL samples')
+    a cached stage."""
 
     kind = "kto"
-
-    def __init__(self, model: Any, ref_model: Any = None, args: Any = None, data_collator: Any = None,
-                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None, *,
-                 compute_metrics: Any = None, callbacks: Any = None, optimizers: Any = (None, None),
-                 quantization_config: Any = None, peft_config: Any = None) -> None:
-        # as DPO's: the reference is the input model, its log-probs (and the KL samples') a cached stage
-        super().__init__(model, args, train_dataset, eval_dataset, processing_class, peft_config,
-                         ref_model=ref_model, data_collator=data_collator, compute_metrics=compute_metrics,
-                         callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config)
