@@ -159,6 +159,11 @@ class Backend:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
+    def release(self) -> None:
+        """Forget the models and optimizers this backend prepared: a stage has ended. The backend lives
+        as long as the process, which in a sweep (Hydra's basic launcher) or a test session runs many
+        stages; a reference kept here would keep each stage's weights and optimizer state alive."""
+
     # -- saving
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """Every weight, unsharded, on CPU, on the main process (None elsewhere). Collective."""
@@ -278,6 +283,10 @@ class DDPBackend(Backend):
 
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model)
+
+    def release(self):
+        # Accelerate keeps every prepared model and optimizer in lists of its own until told otherwise
+        self.accelerator.free_memory()
 
 
 # --------------------------------------------------------------------------------------- deepspeed

@@ -266,7 +266,10 @@ def _compute(cfg, p: PlannedStage, store: StageStore, backend, dirs, base_model,
         t0 = time.perf_counter()
         # same seed on every rank: random inits (adapters, heads) must agree before sharding/DDP
         seed_everything(int(cfg.seed))
-        metrics = {k: float(v) for k, v in (get_stage(p.spec.kind).fn(ctx) or {}).items()}
+        try:
+            metrics = {k: float(v) for k, v in (get_stage(p.spec.kind).fn(ctx) or {}).items()}
+        finally:
+            backend.release()  # this stage's models and optimizers: the next stage or sweep job needs the memory
         evidence = {name: e for engine in ctx.engines for name, e in engine.evidence.items()}
         backend.barrier()
         if backend.is_main:
