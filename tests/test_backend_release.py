@@ -33,4 +33,4 @@ def test_a_finished_stage_leaves_no_model_or_optimizer_alive(tiny, monkeypatch):
     assert len(prepared) == 8  # sft and dpo, model and optimizer, in each of two runs (the second's sft new: lr)
     alive = [ref() for ref in prepared if ref() is not None]
     assert alive == [], f"{len(alive)} prepared models / optimizers still referenced: {[type(a).__name__ for a in alive]}"
-    assert backend_mod.get_backend.__globals__["_BACKEND"].accelerator._models == []
+    assert backend_mod._BACKEND.accelerator._models == []  # and the backend itself holds none
