@@ -22,7 +22,7 @@ sys.path.insert(0, str(BENCH))
 import chat_data  # noqa: E402
 import measure  # noqa: E402
 
-CASES = ["sft", "sft_packed", "reward", "dpo", "grpo"]
+CASES = ["sft", "sft_packed", "reward", "reward_packed", "dpo", "grpo"]
 
 
 def bench(args: list[str], out: Path, script: str = "run.py") -> subprocess.CompletedProcess:
@@ -68,6 +68,21 @@ def test_steps_flops_counts_real_tokens_and_trained_positions():
     assert measure.steps_flops(TINY, [[padded], [packed]]) == want
 
 
+
+def test_a_shared_prompt_pair_counts_its_tokens_once_and_its_attended_pairs():
+    from align_runner.data.collate import collate_packed_pairs_sharing_prompts
+
+    # prompt [1, 2], chosen [3], rejected [4, 5]: 5 real tokens, then one pad (a longer second row)
+    pairs = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]},
+             {"prompt_ids": [6, 7], "chosen_ids": [8, 9], "rejected_ids": [10, 11]}]
+    batch = collate_packed_pairs_sharing_prompts(pairs, 0, max_tokens=6)
+    assert batch["input_ids"].shape == (2, 6)
+    # attended pairs: prompt 1 + 2, chosen 3; rejected 3 + 4 = 13 in the first unit; the second: 1 + 2,
+    # chosen 3 + 4, rejected 3 + 4 = 17
+    assert measure.shared_prefix_work(batch) == (11, 30) and measure.batch_tokens(batch) == 11
+    assert measure.batch_flops(TINY, batch) == 6 * 100 * 11 + 12 * 2 * 4 * 2 * 30
+    assert measure.shared_prefix_work({"attention_mask": torch.ones(2, 3)}) is None
+
 def test_alternate_reports_each_pair_and_their_median():
     calls = []
     out = measure.alternate(lambda: calls.append("engine"), lambda: calls.append("bare"), repeats=3)
@@ -111,7 +126,7 @@ def test_suite_quick_align_runner(tmp_path):
     bench(["all", "--quick", "--repeats", "1", "--only", "align_runner"], tmp_path)
     suite = json.loads((tmp_path / "suite-quick.json").read_text())
     assert list(suite["cases"]) == CASES and suite["matmul_peak"]["peak_flops"] > 0
-    units = {"sft": "tokens", "sft_packed": "tokens", "reward": "pairs", "dpo": "pairs", "grpo": "completions"}
+    units = {"sft": "tokens", "sft_packed": "tokens", "reward": "pairs", "reward_packed": "pairs", "dpo": "pairs", "grpo": "completions"}
     for name, row in suite["cases"].items():
         assert row["unit"] == units[name]
         assert row["ratio"] is None and row["ratio_pairs"] is None and row["peak_rss_ratio"] is None  # no TRL side
@@ -137,7 +152,11 @@ def test_suite_quick_align_runner(tmp_path):
         # the generated rows span the range, and the engine trained on each exactly once: its batches'
         # real tokens are the rendered rows' less the template's trailing newline, which align_runner drops
         assert data["min"] <= 40 and data["max"] >= 395
-        assert run["tokens_trained"] == data["tokens"] - data["sequences"]
+        fed = data["tokens"] - data["sequences"]
+        if name == "reward_packed":  # each pair's prompt fed once
+            assert fed / 2 < run["tokens_trained"] < fed
+        else:
+            assert run["tokens_trained"] == fed
         assert run["units"] == (data["tokens"] if units[name] == "tokens" else data["pairs"])
         assert data["sequences"] == (16 if units[name] == "tokens" else 2 * 16)  # --quick: 16 rows / pairs
         assert run["steps"] == (1 if name == "sft_packed" else 2)  # 16 rows: 2 steps of 8; packed: TRL's 1 step

@@ -10,6 +10,7 @@ import torch
 from align_runner.algos.logprobs import sequence_logps, sequence_sums
 from align_runner.algos.sft import sft_loss
 from align_runner.data.collate import (
+    collate_packed_pairs_sharing_prompts,
     collate_packed_preference,
     collate_packed_sft,
     collate_preference,
@@ -73,6 +74,38 @@ def test_packed_preference_layout_by_hand():
     assert batch["sequence_ids"].tolist() == [[2, 2, 2, 2, 3, 3], [0, 0, 0, 1, 1, 1]]
     assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0, 1], [0, 0, 1, 0, 1, 1]]
     assert batch["num_items"] == 2 and batch["ref_chosen_logps"].tolist() == [-1.0, -2.0]
+
+
+def test_pairs_sharing_prompts_layout_by_hand():
+    examples = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5], "margin": 0.5},
+        {"prompt_ids": [6], "chosen_ids": [7, 8], "rejected_ids": [9], "margin": 1.0},
+    ]
+    batch = collate_packed_pairs_sharing_prompts(examples, 0, max_tokens=6)
+    # units: 0 [1,2 | 3 | 4,5] (5 tokens), 1 [6 | 7,8 | 9] (4): BFD puts each in a row of its own
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    # the rejected response continues from the prompt's end, as in its own sequence
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3], [0, 1, 2, 1, 0]]
+    # chosen i is sequence i, rejected i is B + i; prompts and padding belong to neither
+    assert batch["sequence_ids"].tolist() == [[-1, -1, 0, 2, 2], [-1, 1, 1, 3, -1]]
+    T, F = True, False
+    assert batch["attention_mask"][0, 0].tolist() == [
+        [T, F, F, F, F],
+        [T, T, F, F, F],
+        [T, T, T, F, F],  # chosen: the prompt and itself
+        [T, T, F, T, F],  # rejected: the prompt and itself, never the chosen token
+        [T, T, F, T, T],
+    ]
+    assert batch["attention_mask"][1, 0].tolist() == [
+        [T, F, F, F, F],
+        [T, T, F, F, F],
+        [T, T, T, F, F],
+        [T, F, F, T, F],
+        [F, F, F, F, T],  # padding sees itself only
+    ]
+    assert "loss_mask" not in batch and batch["num_items"] == 2 and batch["margin"].tolist() == [0.5, 1.0]
+    # several units share a row when they fit
+    assert collate_packed_pairs_sharing_prompts(examples, 0, max_tokens=9)["input_ids"].shape == (1, 9)
 
 
 def _sft_rows(n: int, seed: int = 0) -> list[dict]:
@@ -181,14 +214,18 @@ def test_packed_reward_scores_equal_the_padded_ones(tiny_dir):
     padded = reward_step(model, collate_preference(pairs, 0), loss_fn=bradley_terry_loss, token_scores=scores)
     padded.loss.backward()
     reference = _grads(model)
-    packed_batch = collate_packed_preference(pairs, 0, max_tokens=9)
-    assert packed_batch["input_ids"].shape[0] < 4
-    packed = reward_step(model, packed_batch, loss_fn=bradley_terry_loss, token_scores=scores)
-    packed.loss.backward()
-    assert packed.loss.item() == pytest.approx(padded.loss.item(), abs=1e-6)
-    for k in ("rewards/chosen_mean", "rewards/rejected_mean"):
-        assert float(packed.metrics[k]) == pytest.approx(float(padded.metrics[k]), abs=1e-5)
-    assert _max_diff(_grads(model), reference) < 1e-5
+    for packed_batch in (
+        collate_packed_preference(pairs, 0, max_tokens=9),
+        # each pair's prompt once: 12 tokens instead of 18
+        collate_packed_pairs_sharing_prompts(pairs, 0, max_tokens=9),
+    ):
+        assert packed_batch["input_ids"].shape[0] < 4
+        packed = reward_step(model, packed_batch, loss_fn=bradley_terry_loss, token_scores=scores)
+        packed.loss.backward()
+        assert packed.loss.item() == pytest.approx(padded.loss.item(), abs=1e-6)
+        for k in ("rewards/chosen_mean", "rewards/rejected_mean"):
+            assert float(packed.metrics[k]) == pytest.approx(float(padded.metrics[k]), abs=1e-5)
+        assert _max_diff(_grads(model), reference) < 1e-5
 
 
 # ----------------------------------------------------------------------------- config keys
@@ -273,6 +310,39 @@ def test_sft_stage_packed_in_token_budgets_trains_on_the_same_steps(tiny):
     assert len(losses(plain)) == 2
     assert losses(packed) == pytest.approx(losses(plain), abs=1e-4)
 
+
+
+def test_reward_stage_packed_with_shared_prompts_trains_on_the_same_steps(tiny, monkeypatch):
+    """train.packing in the reward stage packs each pair as prompt + chosen + rejected: the same losses
+    and held-out accuracy as padded pairs, in fewer positions."""
+    import json
+    from pathlib import Path
+
+    from conftest import run
+
+    import align_runner.data.collate as collate
+
+    shared = []
+
+    def spy(examples, pad_id, *, max_tokens):
+        batch = collate_packed_pairs_sharing_prompts(examples, pad_id, max_tokens=max_tokens)
+        shared.append(int((batch["input_ids"] != pad_id).sum()))
+        return batch
+
+    monkeypatch.setattr(collate, "collate_packed_pairs_sharing_prompts", spy)
+    base = [*tiny, "algorithm=reward", "algorithm.stages=[data_prep,reward]", "pipeline.eval=false", "train.max_steps=2"]
+    plain = run(base).stage("reward")
+    assert not shared
+    packed = run([*base, "train.packing=true"]).stage("reward")
+    assert packed.key != plain.key and not packed.cache_hit and shared  # (the spy saw its batches)
+
+    def rows(stage) -> list[dict]:
+        return [json.loads(line) for line in (Path(stage.dir) / "metrics.jsonl").read_text().splitlines()]
+
+    losses = [[r["loss"] for r in rows(stage) if "loss" in r] for stage in (plain, packed)]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], abs=1e-4)
+    assert packed.metrics["eval/accuracy"] == plain.metrics["eval/accuracy"]
+    assert packed.metrics["eval/margin"] == pytest.approx(plain.metrics["eval/margin"], abs=1e-4)
 
 def test_counted_head_refuses_a_model_that_transforms_its_logits_after_the_head(tiny_dir):
     # Gemma-2/3 cap their logits after the head: log-probs taken at the head would be silently wrong

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from align_runner.data.pack import pack_sequences
+from align_runner.data.pack import best_fit_decreasing, pack_sequences
 
 IGNORE_INDEX = -100  # the ignore_index of torch.nn.functional.cross_entropy
 
@@ -86,6 +86,56 @@ def collate_packed_preference(examples: Sequence[Mapping], pad_id: int, *, max_t
     batch.update(_extra_fields(examples, {"prompt_ids", "chosen_ids", "rejected_ids"}, tensors=True))
     return batch
 
+
+def collate_packed_pairs_sharing_prompts(examples: Sequence[Mapping], pad_id: int, *, max_tokens: int) -> dict:
+    """Each pair as ONE unit, prompt + chosen + rejected, the units packed best-fit decreasing into rows
+    of at most ``max_tokens`` tokens (rows as long as the longest unit when it is longer).
+
+    The rejected response attends to the prompt and to itself, never to the chosen one (a 4-D
+    ``attention_mask``, (R, 1, W, W) bool), its positions continuing from the prompt's end: every token
+    has the hidden state it has in its own prompt + response sequence, while a pair costs P + C + R
+    positions instead of 2P + C + R. ``sequence_ids``: i on chosen i's tokens, B + i on rejected i's
+    (``collate_preference``'s order of the 2B sequences), -1 on prompts and padding, so each sequence's
+    last token is where a reward model's score is read. No ``loss_mask``: a response's first token is
+    predicted from the prompt's last column, not the column before it, so these rows serve scoring at
+    last tokens, not next-token log-probs. ``num_items`` = B; the examples' extra fields as in
+    ``collate_preference``.
+    """
+    _check(examples, pad_id)
+    parts = [(list(e["prompt_ids"]), list(e["chosen_ids"]), list(e["rejected_ids"])) for e in examples]
+    units = [p + c + r for p, c, r in parts]
+    bins = best_fit_decreasing([len(u) for u in units], _capacity(units, max_tokens))
+    width = max(sum(len(units[i]) for i in b) for b in bins)
+    shape = (len(bins), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    sequence = torch.full(shape, -1, dtype=torch.long)
+    unit = torch.full(shape, -1, dtype=torch.long)
+    part = torch.zeros(shape, dtype=torch.long)  # 0 prompt (the shared prefix), 1 chosen, 2 rejected
+    for r, members in enumerate(bins):
+        col = 0
+        for i in members:
+            prompt, chosen, rejected = (len(x) for x in parts[i])
+            n = len(units[i])
+            ids[r, col : col + n] = torch.as_tensor(units[i], dtype=torch.long)
+            unit[r, col : col + n] = i
+            positions[r, col : col + n] = torch.cat(
+                [torch.arange(prompt), torch.arange(prompt, prompt + chosen), torch.arange(prompt, prompt + rejected)]
+            )
+            chosen_cols = slice(col + prompt, col + prompt + chosen)
+            rejected_cols = slice(col + prompt + chosen, col + n)
+            sequence[r, chosen_cols], part[r, chosen_cols] = i, 1
+            sequence[r, rejected_cols], part[r, rejected_cols] = len(examples) + i, 2
+            col += n
+    batch: dict[str, Any] = {
+        "input_ids": ids,
+        "position_ids": positions,
+        "attention_mask": _branch_attention(unit, part),
+        "sequence_ids": sequence,
+        "num_items": len(examples),
+    }
+    batch.update(_extra_fields(examples, {"prompt_ids", "chosen_ids", "rejected_ids"}, tensors=True))
+    return batch
 
 def _preference_sequences(examples: Sequence[Mapping]) -> tuple[list[list[int]], list[list[int]]]:
     """prompt + chosen of every pair, then prompt + rejected, with response masks."""
@@ -239,19 +289,15 @@ def _shared_prompt_layout(prompts: list[list[int]], completions: list[list[int]]
             ids[r, first : first + len(c)] = torch.tensor(c, dtype=torch.long)
             positions[r, first : first + len(c)] = torch.arange(len(prompt), len(prompt) + len(c))
             region[r, first : first + len(c)] = s
-    q, k = region[:, :, None], region[:, None, :]
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
-    # a real token sees the real prompt tokens before it and the earlier tokens of its own slot; a pad
-    # sees itself only (a query row with nothing to attend to would give NaN)
-    allowed = causal & (k != -2) & ((k == -1) | (k == q)) & (q != -2)
-    allowed |= torch.eye(total, dtype=torch.bool) & (q == -2)
+    # the prompt is every slot's shared prefix (part 0), slot s is branch s + 1
+    allowed = _branch_attention(torch.where(region == -2, -1, 0), region + 1)
     slot_starts = p_width + width * torch.arange(slots)
     # slot token t is predicted from column (prompt end if t == 0, else the slot's column t - 1)
     index = (slot_starts[:, None] + torch.arange(width)[None, :] - 1).clone()
     index[:, 0] = p_width - 1
     return {
         "input_ids": ids,
-        "attention_mask": allowed[:, None],
+        "attention_mask": allowed,
         "position_ids": positions,
         "logit_index": index.reshape(-1),
         "row_of": torch.tensor(row_of),
@@ -259,11 +305,30 @@ def _shared_prompt_layout(prompts: list[list[int]], completions: list[list[int]]
     }
 
 
-def preference_collator(pad_id: int, *, packing: bool, max_tokens: int):
+def _branch_attention(group: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """(R, 1, W, W) bool attention mask of packed rows whose units share a prefix: ``group`` (R, W) is
+    each token's unit (-1 on padding), ``part`` 0 on a unit's shared prefix and k > 0 on its k-th branch.
+
+    A real token sees the earlier tokens of its unit's prefix and of its own branch, never another
+    branch's or unit's; a pad sees itself only (a query row with nothing to attend to would give NaN).
+    """
+    width = group.shape[1]
+    qg, kg = group[:, :, None], group[:, None, :]
+    qp, kp = part[:, :, None], part[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (qg == kg) & (qg >= 0) & ((kp == 0) | (kp == qp))
+    allowed |= torch.eye(width, dtype=torch.bool) & (qg < 0)
+    return allowed[:, None]
+
+
+def preference_collator(pad_id: int, *, packing: bool, max_tokens: int, share_prompts: bool = False):
     """The collate function of a preference stage: padded pairs, or with ``packing`` (``train.packing``)
-    the 2B sequences packed into rows of ``max_tokens`` (``data.max_length``)."""
+    the 2B sequences packed into rows of ``max_tokens`` (``data.max_length``); with ``share_prompts``
+    too, each pair packed as one prompt + chosen + rejected unit (for stages that score last tokens)."""
     from functools import partial
 
+    if packing and share_prompts:
+        return partial(collate_packed_pairs_sharing_prompts, pad_id=pad_id, max_tokens=max_tokens)
     if packing:
         return partial(collate_packed_preference, pad_id=pad_id, max_tokens=max_tokens)
     return partial(collate_preference, pad_id=pad_id)

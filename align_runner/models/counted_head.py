@@ -110,8 +110,12 @@ def model_inputs(batch: dict) -> dict:
     positions, no mask: transformers then keeps attention inside each packed sequence).
 
     A packed forward asks for no KV cache: transformers reads restarting positions as packed sequences
-    only when there is none (with a cache they would attend across examples).
+    only when there is none (with a cache they would attend across examples). A packed batch that
+    brings its own 4-D mask (``collate_packed_pairs_sharing_prompts``) passes it with its positions.
     """
     if "position_ids" in batch and "attention_mask" not in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if "position_ids" in batch and batch["attention_mask"].dim() == 4:
+        keys = ("input_ids", "attention_mask", "position_ids")
+        return {**{k: batch[k] for k in keys}, "use_cache": False}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -8,6 +8,9 @@ a Hugging Face sequence classifier with ``num_labels=1``: ``AutoModelForSequence
 reloads it, and its logit at the last real token of prompt + response is the reward. Later stages
 read it as a scorer, never continue training it as a policy (``policy=False``).
 
+With ``train.packing`` each pair is packed as one prompt + chosen + rejected unit, the prompt computed
+once (``collate_packed_pairs_sharing_prompts``); with flash-attention, as two packed sequences.
+
 Metrics: ``accuracy``, ``margin``, ``rewards/chosen_mean``, ``rewards/rejected_mean``, ``rewards/std``
 on the training batches, and the same under ``eval/`` on the held-out preference split.
 """
@@ -22,6 +25,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from align_runner.algos.types import LossOutput
+from align_runner.config import AttnImplementation
 from align_runner.data.collate import pair_tokens, preference_collator
 from align_runner.engine.metric_names import offline
 from align_runner.models.counted_head import model_inputs
@@ -113,7 +117,14 @@ def run_reward(ctx: StageContext) -> dict[str, float]:
         step,
         model=model,
         train_data=train_rows,
-        collate=preference_collator(tokenizer.pad_token_id, packing=ctx.train.packing, max_tokens=int(ctx.cfg.data.max_length)),
+        collate=preference_collator(
+            tokenizer.pad_token_id,
+            packing=ctx.train.packing,
+            max_tokens=int(ctx.cfg.data.max_length),
+            # a reward is read at last tokens, so a packed pair can share its prompt (a 4-D mask), which
+            # flash-attention's varlen kernel cannot take
+            share_prompts=ctx.cfg.model.attn_implementation != AttnImplementation.flash_attention_2,
+        ),
         eval_data=eval_rows,
         eval_step=step,
         length=pair_tokens,

@@ -46,6 +46,36 @@ def batch_sequences(batch: dict) -> list[int]:
     return batch["attention_mask"].sum(-1).tolist()
 
 
+def shared_prefix_work(batch: dict) -> tuple[int, int] | None:
+    """(real tokens, attended query-key pairs) of a batch laid out with a 4-D attention mask (units
+    sharing a prefix, e.g. a reward pair's prompt computed once); None for other batches. A pad is the
+    one column that neither attends to nor is attended by anything but itself."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 4:
+        return None
+    allowed = mask[:, 0]
+    real = (allowed.sum(1) > 1) | (allowed.sum(2) > 1)
+    return int(real.sum()), int(allowed[real].sum())
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real tokens the batch feeds the model (a shared prefix once)."""
+    shared = shared_prefix_work(batch)
+    return shared[0] if shared else sum(batch_sequences(batch))
+
+
+def batch_flops(model: dict, batch: dict) -> float:
+    """Forward + backward FLOPs of one micro-batch. A shared-prefix layout counts its real tokens and,
+    in place of each sequence's L^2, twice its attended pairs (a causal sequence attends L(L+1)/2)."""
+    head = sequence_flops(model, 0, logit_positions(batch))
+    shared = shared_prefix_work(batch)
+    if shared is None:
+        return sum(sequence_flops(model, n, 0) for n in batch_sequences(batch)) + head
+    tokens, pairs = shared
+    layers, hidden = model["num_hidden_layers"], model["hidden_size"]
+    return 6.0 * model["non_embedding_parameters"] * tokens + 12.0 * layers * hidden * 2 * pairs + head
+
+
 def logit_positions(batch: dict) -> int:
     """Positions whose logits the step computes: SFT's trained tokens (labels, shifted by one), the
     response tokens of a preference batch (loss mask), none for a reward model (a score head)."""
@@ -58,11 +88,7 @@ def logit_positions(batch: dict) -> int:
 
 def steps_flops(model: dict, steps: list[list[dict]]) -> float:
     """Forward + backward FLOPs of the recorded optimizer steps' micro-batches."""
-    return sum(
-        sum(sequence_flops(model, n, 0) for n in batch_sequences(b)) + sequence_flops(model, 0, logit_positions(b))
-        for batches in steps
-        for b in batches
-    )
+    return sum(batch_flops(model, b) for batches in steps for b in batches)
 
 
 # ===================================================================================== matmul peak

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from common import is_cuda, peak_memory, read_jsonl
-from measure import FLOP_FORMULA, EngineRecorder, batch_sequences, steps_flops
+from measure import FLOP_FORMULA, EngineRecorder, batch_tokens, steps_flops
 
 # rendered tokens of a row (prompt + completion, or prompt + one response), both ends included
 ROW_TOKENS = (20, 400)
@@ -199,7 +199,7 @@ def run_align_runner(
     return {
         "seconds": recorder.fit_seconds[0],
         "steps": len(recorder.steps),
-        "tokens_trained": sum(sum(batch_sequences(b)) for batches in recorder.steps for b in batches),
+        "tokens_trained": sum(batch_tokens(b) for batches in recorder.steps for b in batches),
         "flops": flops,
         "flop_formula": FLOP_FORMULA,
         "stage_seconds": {name: rec.seconds for name, rec in records.items()},
