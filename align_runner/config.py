@@ -204,7 +204,7 @@ class TrainConfig:
     progress: bool = True
     # pack each micro-batch's examples padding-free into rows of data.max_length tokens, positions
     # restarting per example so attention never crosses them (TRL's `packing`); sft, dpo and reward
-    # (a reward pair as one prompt + chosen + rejected unit, its prompt computed once)
+    # (a preference pair as one prompt + chosen + rejected unit, its prompt computed once)
     packing: bool = False
     # null: micro-batches of micro_batch_size rows; a token count: each step's rows (still
     # micro_batch_size x grad_accum x processes of them) grouped by length into micro-batches of at most

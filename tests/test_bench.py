@@ -80,7 +80,9 @@ def test_a_shared_prompt_pair_counts_its_tokens_once_and_its_attended_pairs():
     # attended pairs: prompt 1 + 2, chosen 3; rejected 3 + 4 = 13 in the first unit; the second: 1 + 2,
     # chosen 3 + 4, rejected 3 + 4 = 17
     assert measure.shared_prefix_work(batch) == (11, 30) and measure.batch_tokens(batch) == 11
-    assert measure.batch_flops(TINY, batch) == 6 * 100 * 11 + 12 * 2 * 4 * 2 * 30
+    # a reward model scores last tokens (no LM head); DPO's LM head scores the 7 response tokens
+    assert measure.batch_flops(TINY, batch, lm_head=False) == 6 * 100 * 11 + 12 * 2 * 4 * 2 * 30
+    assert measure.batch_flops(TINY, batch) == 6 * 100 * 11 + 12 * 2 * 4 * 2 * 30 + 6 * 4 * 10 * 7
     assert measure.shared_prefix_work({"attention_mask": torch.ones(2, 3)}) is None
 
 def test_alternate_reports_each_pair_and_their_median():

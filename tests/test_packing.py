@@ -103,7 +103,14 @@ def test_pairs_sharing_prompts_layout_by_hand():
         [T, F, F, T, F],
         [F, F, F, F, T],  # padding sees itself only
     ]
-    assert "loss_mask" not in batch and batch["num_items"] == 2 and batch["margin"].tolist() == [0.5, 1.0]
+    # every response token counts; rejected 0's first token (column 3) is predicted from the prompt's
+    # last column (1), not from the chosen token before it; the rest from the column before them
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 1, 0]]
+    assert batch["predicted_from"].tolist() == [[0, 0, 1, 1, 3], [0, 0, 1, 0, 3]]
+    assert batch["num_items"] == 2 and batch["margin"].tolist() == [0.5, 1.0]
+    # with an empty prompt nothing predicts a response's first token: it is not scored (as when padded)
+    empty = collate_packed_pairs_sharing_prompts([{"prompt_ids": [], "chosen_ids": [3, 4], "rejected_ids": [5]}], 0, max_tokens=3)
+    assert empty["loss_mask"].tolist() == [[0, 1, 0]]
     # several units share a row when they fit
     assert collate_packed_pairs_sharing_prompts(examples, 0, max_tokens=9)["input_ids"].shape == (1, 9)
 
@@ -179,7 +186,9 @@ def test_counted_head_and_packing_equal_plain_sequence_logps(tiny_dir):
     reference = _grads(model)
 
     head = CountedHead(model, chunk_size=5)
-    for batch in (padded, collate_packed_preference(pairs, 0, max_tokens=32)):
+    shared = collate_packed_pairs_sharing_prompts(pairs, 0, max_tokens=32)
+    assert shared["input_ids"].shape[0] < 4 and (shared["input_ids"] != 0).sum() < (padded["input_ids"] != 0).sum()
+    for batch in (padded, collate_packed_preference(pairs, 0, max_tokens=32), shared):
         picked = head.target_logps(model, batch, batch["loss_mask"])
         logps = sequence_sums(picked.logps, picked.sequence, 8)
         torch.testing.assert_close(logps, plain, atol=1e-5, rtol=0)
@@ -187,6 +196,29 @@ def test_counted_head_and_packing_equal_plain_sequence_logps(tiny_dir):
         logps.sum().backward()
         assert _max_diff(_grads(model), reference) < 1e-5
 
+
+
+def test_reference_logps_packed_with_shared_prompts_equal_the_padded_ones(tiny_dir):
+    from types import SimpleNamespace
+
+    from align_runner.engine.backend import Backend
+    from align_runner.models.reference import compute_reference_logps
+
+    torch.manual_seed(0)
+    model = load_causal_lm(tiny_dir)
+    rng = random.Random(2)
+    rows = [
+        {"prompt_ids": [rng.randint(3, 500) for _ in range(rng.randint(1, 9))],
+         "chosen_ids": [rng.randint(3, 500) for _ in range(rng.randint(1, 8))],
+         "rejected_ids": [rng.randint(3, 500) for _ in range(rng.randint(1, 8))]}
+        for _ in range(7)
+    ]
+    backend = Backend(SimpleNamespace(device="cpu", precision="fp32", backend="ddp"))
+    padded = compute_reference_logps(model, rows, pad_id=0, batch_size=3, backend=backend)
+    packed = compute_reference_logps(model, rows, pad_id=0, batch_size=3, backend=backend, packed_tokens=24)
+    # chosen and rejected sums, and their public (LD-DPO) sums, of all 7 pairs
+    assert packed.shape == padded.shape == (4, 7) and padded.abs().min() > 0
+    torch.testing.assert_close(packed, padded, atol=1e-4, rtol=0)
 
 def test_without_a_request_the_head_is_the_plain_linear(tiny_dir):
     model = load_causal_lm(tiny_dir).eval()
@@ -312,9 +344,10 @@ def test_sft_stage_packed_in_token_budgets_trains_on_the_same_steps(tiny):
 
 
 
-def test_reward_stage_packed_with_shared_prompts_trains_on_the_same_steps(tiny, monkeypatch):
-    """train.packing in the reward stage packs each pair as prompt + chosen + rejected: the same losses
-    and held-out accuracy as padded pairs, in fewer positions."""
+@pytest.mark.parametrize("algorithm", ["reward", "dpo"])
+def test_preference_stages_packed_with_shared_prompts_train_on_the_same_steps(algorithm, tiny, monkeypatch):
+    """train.packing in the reward and dpo stages packs each pair as prompt + chosen + rejected: the
+    same losses and held-out metrics as padded pairs, in fewer positions."""
     import json
     from pathlib import Path
 
@@ -330,19 +363,26 @@ def test_reward_stage_packed_with_shared_prompts_trains_on_the_same_steps(tiny, 
         return batch
 
     monkeypatch.setattr(collate, "collate_packed_pairs_sharing_prompts", spy)
-    base = [*tiny, "algorithm=reward", "algorithm.stages=[data_prep,reward]", "pipeline.eval=false", "train.max_steps=2"]
-    plain = run(base).stage("reward")
+    base = [*tiny, f"algorithm={algorithm}", f"algorithm.stages=[data_prep,{algorithm}]", "pipeline.eval=false",
+            "train.max_steps=2"]
+    plain_run = run(base)
+    plain = plain_run.stage(algorithm)
     assert not shared
-    packed = run([*base, "train.packing=true"]).stage("reward")
+    packed_run = run([*base, "train.packing=true"])
+    packed = packed_run.stage(algorithm)
     assert packed.key != plain.key and not packed.cache_hit and shared  # (the spy saw its batches)
+    if algorithm == "dpo":  # packing is a speed setting: the reference log-probs stay cached
+        assert packed_run.stage("ref_logps").key == plain_run.stage("ref_logps").key
 
     def rows(stage) -> list[dict]:
         return [json.loads(line) for line in (Path(stage.dir) / "metrics.jsonl").read_text().splitlines()]
 
     losses = [[r["loss"] for r in rows(stage) if "loss" in r] for stage in (plain, packed)]
     assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], abs=1e-4)
-    assert packed.metrics["eval/accuracy"] == plain.metrics["eval/accuracy"]
-    assert packed.metrics["eval/margin"] == pytest.approx(plain.metrics["eval/margin"], abs=1e-4)
+    accuracy = {"reward": "eval/accuracy", "dpo": "eval/rewards/accuracies"}[algorithm]
+    assert packed.metrics[accuracy] == plain.metrics[accuracy]
+    assert packed.metrics["eval/loss"] == pytest.approx(plain.metrics["eval/loss"], abs=1e-4)
+
 
 def test_counted_head_refuses_a_model_that_transforms_its_logits_after_the_head(tiny_dir):
     # Gemma-2/3 cap their logits after the head: log-probs taken at the head would be silently wrong

@@ -94,11 +94,15 @@ def collate_packed_pairs_sharing_prompts(examples: Sequence[Mapping], pad_id: in
     The rejected response attends to the prompt and to itself, never to the chosen one (a 4-D
     ``attention_mask``, (R, 1, W, W) bool), its positions continuing from the prompt's end: every token
     has the hidden state it has in its own prompt + response sequence, while a pair costs P + C + R
-    positions instead of 2P + C + R. ``sequence_ids``: i on chosen i's tokens, B + i on rejected i's
-    (``collate_preference``'s order of the 2B sequences), -1 on prompts and padding, so each sequence's
-    last token is where a reward model's score is read. No ``loss_mask``: a response's first token is
-    predicted from the prompt's last column, not the column before it, so these rows serve scoring at
-    last tokens, not next-token log-probs. ``num_items`` = B; the examples' extra fields as in
+    positions instead of 2P + C + R.
+
+    Returns ``input_ids``, ``position_ids``, ``attention_mask``; ``sequence_ids``: i on chosen i's
+    tokens, B + i on rejected i's (``collate_preference``'s order of the 2B sequences), -1 on prompts
+    and padding, so each sequence's last token is where a reward model's score is read; ``loss_mask``:
+    1 on response tokens; ``predicted_from``: the column whose logits predict each token, the one before
+    it except for a rejected response's first token, predicted from its prompt's last column (all
+    (R, W) long). As in the other layouts a sequence's first token is never scored, so with an empty
+    prompt a response's first token is not counted. ``num_items`` = B; the examples' extra fields as in
     ``collate_preference``.
     """
     _check(examples, pad_id)
@@ -112,6 +116,8 @@ def collate_packed_pairs_sharing_prompts(examples: Sequence[Mapping], pad_id: in
     sequence = torch.full(shape, -1, dtype=torch.long)
     unit = torch.full(shape, -1, dtype=torch.long)
     part = torch.zeros(shape, dtype=torch.long)  # 0 prompt (the shared prefix), 1 chosen, 2 rejected
+    counted = torch.zeros(shape, dtype=torch.long)
+    source = (torch.arange(width) - 1).clamp(min=0).repeat(len(bins), 1)
     for r, members in enumerate(bins):
         col = 0
         for i in members:
@@ -126,16 +132,24 @@ def collate_packed_pairs_sharing_prompts(examples: Sequence[Mapping], pad_id: in
             rejected_cols = slice(col + prompt + chosen, col + n)
             sequence[r, chosen_cols], part[r, chosen_cols] = i, 1
             sequence[r, rejected_cols], part[r, rejected_cols] = len(examples) + i, 2
+            counted[r, col + prompt : col + n] = 1
+            if prompt:
+                source[r, col + prompt + chosen] = col + prompt - 1
+            else:  # nothing before a response's first token predicts it
+                counted[r, col] = counted[r, col + chosen] = 0
             col += n
     batch: dict[str, Any] = {
         "input_ids": ids,
         "position_ids": positions,
         "attention_mask": _branch_attention(unit, part),
         "sequence_ids": sequence,
+        "loss_mask": counted,
+        "predicted_from": source,
         "num_items": len(examples),
     }
     batch.update(_extra_fields(examples, {"prompt_ids", "chosen_ids", "rejected_ids"}, tensors=True))
     return batch
+
 
 def _preference_sequences(examples: Sequence[Mapping]) -> tuple[list[list[int]], list[list[int]]]:
     """prompt + chosen of every pair, then prompt + rejected, with response masks."""
@@ -324,7 +338,8 @@ def _branch_attention(group: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
 def preference_collator(pad_id: int, *, packing: bool, max_tokens: int, share_prompts: bool = False):
     """The collate function of a preference stage: padded pairs, or with ``packing`` (``train.packing``)
     the 2B sequences packed into rows of ``max_tokens`` (``data.max_length``); with ``share_prompts``
-    too, each pair packed as one prompt + chosen + rejected unit (for stages that score last tokens)."""
+    too, each pair packed as one prompt + chosen + rejected unit, its prompt computed once (attention
+    kernels that take arbitrary masks only: not flash-attention's varlen path)."""
     from functools import partial
 
     if packing and share_prompts:

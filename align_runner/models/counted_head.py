@@ -29,7 +29,9 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 @dataclass
 class _Request:
-    positions: Tensor  # (B, T) bool: the hidden states to score
+    # the hidden states to score: (B, T) bool, or (rows, columns) index tensors when one state scores
+    # several targets (a shared prompt's last column predicts both responses' first tokens)
+    positions: Tensor | tuple[Tensor, Tensor]
     targets: Tensor  # (N,) their next tokens
     chunk_size: int
     correct: Tensor | None = None
@@ -44,7 +46,7 @@ class _CountedLinear(nn.Linear):
         request = self._request
         if request is None:
             return super().forward(hidden)
-        if hidden.shape[:-1] != request.positions.shape:
+        if isinstance(request.positions, Tensor) and hidden.shape[:-1] != request.positions.shape:
             raise RuntimeError(
                 f"the output head got hidden states {tuple(hidden.shape)} for positions "
                 f"{tuple(request.positions.shape)}; this model slices them before its head"
@@ -90,15 +92,23 @@ class CountedHead:
         ``counted`` (B, T) is non-zero, each scored by the logit before it.
 
         A packed batch (``position_ids``, ``sequence_ids``) is run without an attention mask; its
-        targets are attributed to their examples, a padded batch's to its rows.
+        targets are attributed to their examples, a padded batch's to its rows. A batch whose
+        ``predicted_from`` names each token's predicting column (``collate_packed_pairs_sharing_prompts``)
+        is scored from those columns.
         """
         input_ids = batch["input_ids"]
-        positions, targets = next_token_targets(input_ids, counted)
-        if "sequence_ids" in batch:
-            sequence = batch["sequence_ids"][:, 1:][counted[:, 1:] != 0]
+        positions: Tensor | tuple[Tensor, Tensor]
+        if "predicted_from" in batch:
+            rows, columns = (counted != 0).nonzero(as_tuple=True)
+            positions = (rows, batch["predicted_from"][rows, columns])
+            targets, sequence = input_ids[rows, columns], batch["sequence_ids"][rows, columns]
         else:
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
-            sequence = rows[:, 1:][counted[:, 1:] != 0]
+            positions, targets = next_token_targets(input_ids, counted)
+            if "sequence_ids" in batch:
+                ids = batch["sequence_ids"]
+            else:
+                ids = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+            sequence = ids[:, 1:][counted[:, 1:] != 0]
         with self._requesting(_Request(positions, targets, self.chunk_size)) as request:
             logps = model(**model_inputs(batch)).logits
         assert request.correct is not None, "the model's forward did not call its output head"

@@ -1,7 +1,8 @@
 """dpo: offline preference optimisation with any loss of ``align_runner.algos.dpo`` (``algorithm.loss``).
 
-Each step runs ONE forward pass, the policy's, over the 2B concatenated chosen + rejected rows (packed
-padding-free with ``train.packing``; the LM head runs on response tokens only); the
+Each step runs ONE forward pass, the policy's, over the 2B concatenated chosen + rejected rows (with
+``train.packing``, each pair packed padding-free as one prompt + chosen + rejected unit, its prompt
+computed once; the LM head runs on response tokens only); the
 reference log-probs come precomputed from the ``ref_logps`` stage named by ``algorithm.reference.stage``
 (pipeline=auto inserts it right before this stage, on the same input model). Metrics are the losses'
 own: ``rewards/{chosen,rejected,accuracies,margins}`` and ``logps/{chosen,rejected}``, and the same on
@@ -38,6 +39,7 @@ from align_runner.config import stage_train
 from align_runner.data.collate import pair_tokens, preference_collator
 from align_runner.engine.metric_names import offline
 from align_runner.models.counted_head import CountedHead
+from align_runner.models.loading import takes_attention_masks
 from align_runner.models.reference import (
     PUBLIC_FIELDS,
     REF_FIELDS,
@@ -216,7 +218,12 @@ def run_dpo(ctx: StageContext) -> dict[str, float]:
             step,
             model=policy,
             train_data=train_rows,
-            collate=preference_collator(tokenizer.pad_token_id, packing=ctx.train.packing, max_tokens=int(ctx.cfg.data.max_length)),
+            collate=preference_collator(
+                tokenizer.pad_token_id,
+                packing=ctx.train.packing,
+                max_tokens=int(ctx.cfg.data.max_length),
+                share_prompts=takes_attention_masks(ctx.cfg.model),
+            ),
             eval_data=eval_rows,
             eval_step=step,
             length=pair_tokens,

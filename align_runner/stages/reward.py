@@ -25,11 +25,15 @@ from hydra.utils import instantiate
 from torch import nn
 
 from align_runner.algos.types import LossOutput
-from align_runner.config import AttnImplementation
 from align_runner.data.collate import pair_tokens, preference_collator
 from align_runner.engine.metric_names import offline
 from align_runner.models.counted_head import model_inputs
-from align_runner.models.loading import enable_gradient_checkpointing, load_sequence_classifier, speed_options
+from align_runner.models.loading import (
+    enable_gradient_checkpointing,
+    load_sequence_classifier,
+    speed_options,
+    takes_attention_masks,
+)
 from align_runner.models.peft import is_peft_model, peft_lora_config
 from align_runner.registry import register_stage
 from align_runner.stages.context import StageContext
@@ -121,9 +125,7 @@ def run_reward(ctx: StageContext) -> dict[str, float]:
             tokenizer.pad_token_id,
             packing=ctx.train.packing,
             max_tokens=int(ctx.cfg.data.max_length),
-            # a reward is read at last tokens, so a packed pair can share its prompt (a 4-D mask), which
-            # flash-attention's varlen kernel cannot take
-            share_prompts=ctx.cfg.model.attn_implementation != AttnImplementation.flash_attention_2,
+            share_prompts=takes_attention_masks(ctx.cfg.model),
         ),
         eval_data=eval_rows,
         eval_step=step,

@@ -64,10 +64,10 @@ def batch_tokens(batch: dict) -> int:
     return shared[0] if shared else sum(batch_sequences(batch))
 
 
-def batch_flops(model: dict, batch: dict) -> float:
+def batch_flops(model: dict, batch: dict, lm_head: bool = True) -> float:
     """Forward + backward FLOPs of one micro-batch. A shared-prefix layout counts its real tokens and,
     in place of each sequence's L^2, twice its attended pairs (a causal sequence attends L(L+1)/2)."""
-    head = sequence_flops(model, 0, logit_positions(batch))
+    head = sequence_flops(model, 0, logit_positions(batch)) if lm_head else 0.0
     shared = shared_prefix_work(batch)
     if shared is None:
         return sum(sequence_flops(model, n, 0) for n in batch_sequences(batch)) + head
@@ -78,7 +78,7 @@ def batch_flops(model: dict, batch: dict) -> float:
 
 def logit_positions(batch: dict) -> int:
     """Positions whose logits the step computes: SFT's trained tokens (labels, shifted by one), the
-    response tokens of a preference batch (loss mask), none for a reward model (a score head)."""
+    response tokens of a preference batch (loss mask). (A reward model has none: ``lm_head=False``.)"""
     if "labels" in batch:
         return int((batch["labels"][:, 1:] != -100).sum())
     if "loss_mask" in batch:
@@ -86,9 +86,9 @@ def logit_positions(batch: dict) -> int:
     return 0
 
 
-def steps_flops(model: dict, steps: list[list[dict]]) -> float:
+def steps_flops(model: dict, steps: list[list[dict]], lm_head: bool = True) -> float:
     """Forward + backward FLOPs of the recorded optimizer steps' micro-batches."""
-    return sum(batch_flops(model, b) for batches in steps for b in batches)
+    return sum(batch_flops(model, b, lm_head) for batches in steps for b in batches)
 
 
 # ===================================================================================== matmul peak

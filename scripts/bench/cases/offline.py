@@ -175,11 +175,19 @@ def hardware(spec: dict) -> list[str]:
 
 
 def run_align_runner(
-    spec: dict, kind: str, extra: list[str], *, load_fresh, stages: tuple[str, ...] = (), micro_batch: int | None = None
+    spec: dict,
+    kind: str,
+    extra: list[str],
+    *,
+    load_fresh,
+    stages: tuple[str, ...] = (),
+    micro_batch: int | None = None,
+    lm_head: bool = True,
 ) -> dict:
     """Run data_prep -> ``kind`` (and ``stages``, those pipeline=auto adds) in this worker, timing the
     engine's ``fit``, then replay the recorded steps on ``load_fresh()`` (a fresh copy of the input
-    model) for the engine overhead. Returns the worker's result without ``units``."""
+    model) for the engine overhead; ``lm_head=False`` for a model without one (a reward model's score
+    head), whose FLOPs then count no logits. Returns the worker's result without ``units``."""
     from align_runner import api
 
     s = spec["settings"]
@@ -192,7 +200,7 @@ def run_align_runner(
         raise RuntimeError(f"nothing timed: stage(s) {hit} were cache hits, fit ran {len(recorder.fit_seconds)} times")
     peak = peak_memory()  # training's peak; the replay below builds a second model and optimizer
     model = spec["model"]
-    flops = steps_flops(model, recorder.steps)
+    flops = steps_flops(model, recorder.steps, lm_head)
     overhead = None
     if spec.get("measure_overhead", True):  # the harness asks for it in one repeat: it costs minutes at full size
         overhead = recorder.replay_overhead(load_fresh(), steps=int(s["overhead_steps"]), repeats=int(s["overhead_repeats"]))

@@ -43,7 +43,8 @@ def trl_worker(spec: dict) -> dict:
 
 def align_runner_worker(spec: dict) -> dict:
     packing = ["algorithm.train.packing=true"] if spec["settings"]["packing"] else []
-    out = offline.run_align_runner(spec, "reward", packing, load_fresh=lambda: _classifier(spec))
+    # a score head, no LM head: no logit FLOPs
+    out = offline.run_align_runner(spec, "reward", packing, load_fresh=lambda: _classifier(spec), lm_head=False)
     return {**out, "units": spec["settings"]["rows"]}
 
 
