@@ -22,7 +22,7 @@ sys.path.insert(0, str(BENCH))
 import chat_data  # noqa: E402
 import measure  # noqa: E402
 
-CASES = ["sft", "sft_packed", "reward", "reward_packed", "dpo", "grpo"]
+CASES = ["sft", "sft_packed", "reward", "reward_packed", "dpo", "dpo_packed", "grpo"]
 
 
 def bench(args: list[str], out: Path, script: str = "run.py") -> subprocess.CompletedProcess:
@@ -128,7 +128,7 @@ def test_suite_quick_align_runner(tmp_path):
     bench(["all", "--quick", "--repeats", "1", "--only", "align_runner"], tmp_path)
     suite = json.loads((tmp_path / "suite-quick.json").read_text())
     assert list(suite["cases"]) == CASES and suite["matmul_peak"]["peak_flops"] > 0
-    units = {"sft": "tokens", "sft_packed": "tokens", "reward": "pairs", "reward_packed": "pairs", "dpo": "pairs", "grpo": "completions"}
+    units = {"sft": "tokens", "sft_packed": "tokens", "reward": "pairs", "reward_packed": "pairs", "dpo": "pairs", "dpo_packed": "pairs", "grpo": "completions"}
     for name, row in suite["cases"].items():
         assert row["unit"] == units[name]
         assert row["ratio"] is None and row["ratio_pairs"] is None and row["peak_rss_ratio"] is None  # no TRL side
@@ -155,7 +155,7 @@ def test_suite_quick_align_runner(tmp_path):
         # real tokens are the rendered rows' less the template's trailing newline, which align_runner drops
         assert data["min"] <= 40 and data["max"] >= 395
         fed = data["tokens"] - data["sequences"]
-        if name == "reward_packed":  # each pair's prompt fed once
+        if name in ("reward_packed", "dpo_packed"):  # each pair's prompt fed once
             assert fed / 2 < run["tokens_trained"] < fed
         else:
             assert run["tokens_trained"] == fed

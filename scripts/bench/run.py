@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """align_runner vs TRL, side by side on one machine in one invocation, reported as ratios.
 
-    python scripts/bench/run.py all             # every case: sft, sft_packed, reward, reward_packed, dpo, grpo
+    python scripts/bench/run.py all             # every case: sft, sft_packed, reward, reward_packed, dpo, dpo_packed, grpo
     python scripts/bench/run.py sft             # one case; SmolLM2-135M architecture, random init, fp32
     python scripts/bench/run.py all --quick     # a 2-layer Llama and a few rows: smoke test
     python scripts/bench/run.py dpo --repeats 3 --only align_runner --threads 1
@@ -53,6 +53,7 @@ CASES: dict[str, Case] = {
     "reward": reward.CASE,
     "reward_packed": reward.PACKED,
     "dpo": dpo.CASE,
+    "dpo_packed": dpo.PACKED,
     "grpo": grpo.CASE,
 }
 # the worker (no case) that measures the matmul peak, then builds the model and every case's data
