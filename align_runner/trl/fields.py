@@ -128,7 +128,8 @@ FIELDS: tuple[Field, ...] = (
     Field("assistant_only_loss", ("sft",), bool, False, "data.assistant_only_loss"),
     Field("dataset_text_field", ("sft",), str, "text", "data.train.rename", None, note="{field: text}"),
     Field("packing", ("sft",), bool, False, "algorithm.train.packing",
-          note="best-fit-decreasing into max_length rows, positions restarting per example"),
+          note="best-fit-decreasing into max_length rows, positions restarting per example (align_runner packs "
+               "dpo and reward pairs too, each prompt once; `train.packing` packs the reference pass as well)"),
     Field("activation_offloading", ("sft",), bool, False, "algorithm.train.offload_activations"),
     Field("loss_type", ("sft",), str, "nll", "algorithm.loss", fixed=True),
     # ------------------------------------------------------------------------------------ DPO
