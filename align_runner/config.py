@@ -350,8 +350,7 @@ class OnlineAlgorithmConfig(RolloutAlgorithmConfig):
     # groups whose completions all got the same reward count nowhere in the loss (no signal; DAPO)
     filter_zero_std_groups: bool = False
     # train on each prompt once with its completions packed behind it (4-D attention mask): the same
-    # gradients for far less compute when prompts are long; false for attention kernels without
-    # arbitrary masks (flash-attention)
+    # gradients for far less compute when prompts are long; off under flash-attention (no such masks)
     share_prompts: bool = True
 
 

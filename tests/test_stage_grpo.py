@@ -265,6 +265,26 @@ def test_filtered_completions_weigh_nothing_and_count_no_items():
     assert batch["weights"][2].tolist() == [0.25] * 4
 
 
+
+@pytest.mark.parametrize("attn, shared", [(None, True), ("sdpa", True), ("flash_attention_2", False)])
+def test_shared_prompts_only_where_the_attention_kernel_takes_the_mask(attn, shared):
+    """flash-attention's varlen kernel takes no 4-D mask: share_prompts falls back to one row each."""
+    from types import SimpleNamespace
+
+    from align_runner.algos.reduce import grpo
+    from align_runner.stages.grpo import GRPORollout
+
+    rollout = object.__new__(GRPORollout)
+    rollout.a = SimpleNamespace(share_prompts=True)
+    rollout.ctx = SimpleNamespace(train=SimpleNamespace(micro_batch_size=8),
+                                  cfg=SimpleNamespace(model={"attn_implementation": attn}))
+    rollout.tokenizer = SimpleNamespace(pad_token_id=0)
+    rollout.aggregation, rollout.needs_old, rollout.with_ref = grpo, False, False
+    examples = [{"prompt_ids": [5, 6], "completion_ids": [7 + i], "advantages": 1.0, "keep": True} for i in range(2)]
+    (batch,) = rollout._batches(examples, {"max_completion_length": 1, "mean_completion_tokens": 1.0})
+    assert ("logit_index" in batch) == shared
+    assert batch["input_ids"].shape == ((1, 4) if shared else (2, 3))  # one prompt, two slots / two rows
+
 @pytest.mark.parametrize("variant", ["dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"])
 def test_every_variant_trains(variant, tmp_path, model_cache):
     out = tmp_path / "out"

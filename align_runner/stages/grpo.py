@@ -28,6 +28,7 @@ from align_runner.data.collate import collate_completions
 from align_runner.engine.metric_names import online
 from align_runner.engine.online import Rollout, Update, fit_online
 from align_runner.engine.rollout import row_seed
+from align_runner.models.loading import takes_attention_masks
 from align_runner.models.peft import is_peft_model
 from align_runner.registry import Input, register_stage
 from align_runner.stages.context import StageContext
@@ -176,7 +177,8 @@ class GRPORollout:
 
     def _batches(self, examples: list[dict], context: dict) -> list[dict]:
         mb = int(self.ctx.train.micro_batch_size)
-        collate = partial(collate_completions, pad_id=self.tokenizer.pad_token_id, share_prompts=bool(self.a.share_prompts))
+        share = bool(self.a.share_prompts) and takes_attention_masks(self.ctx.cfg.model)
+        collate = partial(collate_completions, pad_id=self.tokenizer.pad_token_id, share_prompts=share)
         batches = []
         for start in range(0, len(examples), mb):
             batch = collate(examples[start : start + mb])
