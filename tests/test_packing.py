@@ -344,7 +344,8 @@ def test_sft_stage_packed_in_token_budgets_trains_on_the_same_steps(tiny):
 
 
 
-@pytest.mark.parametrize("algorithm", ["reward", "dpo"])
+# dpo's wiring in CI; reward's scores are checked against padded ones above (its stage run is slow)
+@pytest.mark.parametrize("algorithm", [pytest.param("reward", marks=pytest.mark.slow), "dpo"])
 def test_preference_stages_packed_with_shared_prompts_train_on_the_same_steps(algorithm, tiny, monkeypatch):
     """train.packing in the reward and dpo stages packs each pair as prompt + chosen + rejected: the
     same losses and held-out metrics as padded pairs, in fewer positions."""
