@@ -169,16 +169,19 @@ def test_packed_attention_stays_inside_each_example(tiny_dir):
     torch.testing.assert_close(packed[4:], alone[1], atol=1e-5, rtol=0)
 
 
+def _random_pairs(n: int, *, seed: int, longest_prompt: int) -> list[dict]:
+    """``n`` tokenized pairs: prompts of 1..longest_prompt tokens, responses of 1..8."""
+    rng = random.Random(seed)
+
+    def ids(longest: int) -> list[int]:
+        return [rng.randint(3, 500) for _ in range(rng.randint(1, longest))]
+
+    return [{"prompt_ids": ids(longest_prompt), "chosen_ids": ids(8), "rejected_ids": ids(8)} for _ in range(n)]
+
 def test_counted_head_and_packing_equal_plain_sequence_logps(tiny_dir):
     torch.manual_seed(0)
     model = load_causal_lm(tiny_dir)
-    rng = random.Random(1)
-    pairs = [
-        {"prompt_ids": [rng.randint(3, 500) for _ in range(rng.randint(1, 6))],
-         "chosen_ids": [rng.randint(3, 500) for _ in range(rng.randint(1, 8))],
-         "rejected_ids": [rng.randint(3, 500) for _ in range(rng.randint(1, 8))]}
-        for _ in range(4)
-    ]
+    pairs = _random_pairs(4, seed=1, longest_prompt=6)
     padded = collate_preference(pairs, 0)
     logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
     plain, counts = sequence_logps(logits, padded["input_ids"], padded["loss_mask"])
@@ -197,7 +200,6 @@ def test_counted_head_and_packing_equal_plain_sequence_logps(tiny_dir):
         assert _max_diff(_grads(model), reference) < 1e-5
 
 
-
 def test_reference_logps_packed_with_shared_prompts_equal_the_padded_ones(tiny_dir):
     from types import SimpleNamespace
 
@@ -206,13 +208,7 @@ def test_reference_logps_packed_with_shared_prompts_equal_the_padded_ones(tiny_d
 
     torch.manual_seed(0)
     model = load_causal_lm(tiny_dir)
-    rng = random.Random(2)
-    rows = [
-        {"prompt_ids": [rng.randint(3, 500) for _ in range(rng.randint(1, 9))],
-         "chosen_ids": [rng.randint(3, 500) for _ in range(rng.randint(1, 8))],
-         "rejected_ids": [rng.randint(3, 500) for _ in range(rng.randint(1, 8))]}
-        for _ in range(7)
-    ]
+    rows = _random_pairs(7, seed=2, longest_prompt=9)
     backend = Backend(SimpleNamespace(device="cpu", precision="fp32", backend="ddp"))
     padded = compute_reference_logps(model, rows, pad_id=0, batch_size=3, backend=backend)
     packed = compute_reference_logps(model, rows, pad_id=0, batch_size=3, backend=backend, packed_tokens=24)
