@@ -201,6 +201,7 @@ def test_counted_head_and_packing_equal_plain_sequence_logps(tiny_dir):
 
 
 def test_reference_logps_packed_with_shared_prompts_equal_the_padded_ones(tiny_dir):
+    from functools import partial
     from types import SimpleNamespace
 
     from align_runner.engine.backend import Backend
@@ -211,7 +212,8 @@ def test_reference_logps_packed_with_shared_prompts_equal_the_padded_ones(tiny_d
     rows = _random_pairs(7, seed=2, longest_prompt=9)
     backend = Backend(SimpleNamespace(device="cpu", precision="fp32", backend="ddp"))
     padded = compute_reference_logps(model, rows, pad_id=0, batch_size=3, backend=backend)
-    packed = compute_reference_logps(model, rows, pad_id=0, batch_size=3, backend=backend, packed_tokens=24)
+    shared = partial(collate_packed_pairs_sharing_prompts, pad_id=0, max_tokens=24)
+    packed = compute_reference_logps(model, rows, pad_id=0, batch_size=3, backend=backend, collate=shared)
     # chosen and rejected sums, and their public (LD-DPO) sums, of all 7 pairs
     assert packed.shape == padded.shape == (4, 7) and padded.abs().min() > 0
     torch.testing.assert_close(packed, padded, atol=1e-4, rtol=0)

@@ -85,12 +85,12 @@ def speed_options(model_cfg: Any, *, training: bool) -> dict[str, Any]:
     }
 
 
-
 def takes_attention_masks(model_cfg: Any) -> bool:
     """Whether the configured attention kernel takes an arbitrary 4-D attention mask, as the layouts that
     compute a shared prompt once need (sdpa and eager do; flash-attention's varlen path does not)."""
     attn = model_cfg.get("attn_implementation")
     return attn is None or str(attn) != "flash_attention_2"
+
 
 def _apply_speed_options(model: PreTrainedModel, *, liger_kernel: bool, compile: bool) -> PreTrainedModel:
     if liger_kernel:

@@ -8,7 +8,7 @@ them (and DPO's live reference, TR-DPO, runs ``preference_forward`` itself), non
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from align_runner.algos.logprobs import sequence_sums
 from align_runner.config import TrainConfig
-from align_runner.data.collate import collate_packed_pairs_sharing_prompts, collate_preference
+from align_runner.data.collate import collate_preference
 from align_runner.models.counted_head import CountedHead
 from align_runner.models.peft import reference_mode
 
@@ -80,14 +80,14 @@ def compute_reference_logps(
     batch_size: int,
     backend,
     chunk_size: int = TrainConfig.logits_chunk_tokens,
-    packed_tokens: int | None = None,
+    collate: Callable[[Sequence[dict]], dict] | None = None,
 ) -> Tensor:
     """Reference log-probs of every row: (4, N) float64, [0] chosen, [1] rejected, [2] and [3] their
     public sums (``preference_forward_public``).
 
     ``chunk_size``: response tokens whose logits are computed at a time (``train.logits_chunk_tokens``).
-    ``packed_tokens``: each batch's pairs packed as prompt + chosen + rejected units into rows of this
-    many tokens, each prompt computed once (``collate_packed_pairs_sharing_prompts``); None: padded.
+    ``collate``: rows -> batch, the training stage's ``preference_collator`` (packed with
+    ``train.packing``); None: padded pairs (``collate_preference``).
 
     Batches are dealt round-robin to the processes; each row is computed by exactly one of them, so a
     sum over processes assembles the whole table on every one.
@@ -99,10 +99,7 @@ def compute_reference_logps(
     out = torch.zeros(4, len(rows), dtype=torch.float64)
     for start in range(backend.rank * batch_size, len(rows), batch_size * backend.world_size):
         stop = min(start + batch_size, len(rows))
-        if packed_tokens is None:
-            batch = collate_preference(rows[start:stop], pad_id)
-        else:
-            batch = collate_packed_pairs_sharing_prompts(rows[start:stop], pad_id, max_tokens=packed_tokens)
+        batch = collate(rows[start:stop]) if collate is not None else collate_preference(rows[start:stop], pad_id)
         batch = {k: v.to(backend.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         with reference_mode(model), backend.autocast():
             logps, _, public = preference_forward_public(model, batch, head)

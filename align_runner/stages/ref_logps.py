@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from align_runner.data.collate import preference_collator
 from align_runner.data.unpaired import with_kl_completions
 from align_runner.data.views import SPLITS
 from align_runner.fsutil import atomic_write_text
@@ -63,8 +64,13 @@ def _reference_logps(ctx: StageContext, view: str, fields: Sequence[str], names:
     ``<split>/logps/<names[1]>``, ``<names[2]>`` (mean log-probs of the two sequences)."""
     tokenizer = ctx.tokenizer()
     model = ctx.backend.prepare_eval(ctx.load_policy())
-    # with train.packing the pairs are packed as the training stage packs them, each prompt once
-    packed = bool(ctx.train.packing) and takes_attention_masks(ctx.cfg.model)
+    # batched as the training stage batches them (with train.packing: packed, each prompt once)
+    collate = preference_collator(
+        tokenizer.pad_token_id,
+        packing=bool(ctx.train.packing),
+        max_tokens=int(ctx.cfg.data.max_length),
+        share_prompts=takes_attention_masks(ctx.cfg.model),
+    )
     metrics: dict[str, float] = {}
     for split in SPLITS:
         if not ctx.has_dataset(view, split):
@@ -79,7 +85,7 @@ def _reference_logps(ctx: StageContext, view: str, fields: Sequence[str], names:
             batch_size=int(ctx.section.batch_size),
             backend=ctx.backend,
             chunk_size=int(ctx.train.logits_chunk_tokens),
-            packed_tokens=int(ctx.cfg.data.max_length) if packed else None,
+            collate=collate,
         )[: len(fields)]
         if ctx.is_main:
             lines = (json.dumps(dict(zip(fields, values))) + "\n" for values in table.t().tolist())
