@@ -6,6 +6,9 @@
 
 Files (all conversational, DESIGN §5):
 - sft-{train,eval}.jsonl: prompt-completion (``prompt``, ``completion``)
+- sft-mixed-{train,eval}.jsonl: the same rows, every other completion in a chatty style ("The answer is
+  45.") that the instruction rules out; ``data=demo_mixed`` trains SFT on them, so the model RLHF
+  starts from follows the instruction only half the time and a reward model has something to teach
 - preference-{train,eval}.jsonl: explicit-prompt pairs; rejected is a near-miss number or a chatty
   answer, the base model's typical failure modes
 - prompt-{train,eval}.jsonl: prompt-only with the reference ``answer`` column (eval, GRPO, PPO)
@@ -34,6 +37,11 @@ def _pairs(rng: random.Random) -> dict[str, list[tuple[int, int]]]:
     return {"eval": every[:n_eval], "train": every[n_eval : n_eval + SIZES["train"]]}
 
 
+def chatty(answer: str) -> str:
+    """The style the instruction rules out, carrying the right answer (``last_number`` accepts it)."""
+    return f"The answer is {answer}."
+
+
 def _rejected(a: int, b: int, rng: random.Random) -> str:
     if rng.random() < 0.5:
         return str(a + b + rng.choice([-10, -2, -1, 1, 2, 10]))
@@ -58,6 +66,14 @@ def generate(seed: int = 0) -> dict[str, list[dict]]:
             )
             prompts.append({"prompt": user, "answer": answer})
         files[f"sft-{split}"] = sft
+        # every other row restyled, so both styles cover the same spread of sums; no draws from rng,
+        # so the other files stay as they were
+        files[f"sft-mixed-{split}"] = [
+            {**row, "completion": [{"role": "assistant", "content": chatty(row["completion"][0]["content"])}]}
+            if i % 2
+            else row
+            for i, row in enumerate(sft)
+        ]
         files[f"preference-{split}"] = pref
         files[f"prompt-{split}"] = prompts
     return files
