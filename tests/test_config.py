@@ -151,6 +151,19 @@ def test_algorithm_train_takes_any_train_key_and_wins_for_that_stage_only():
         compose(["algorithm=dpo", "algorithm.train.lrr=1"])
 
 
+def test_algorithm_ppo_picks_the_mixed_style_demo_unless_data_is_given():
+    def data_of(overrides):
+        cfg = compose(overrides)
+        return cfg.data.name, Path(cfg.data.sft.train.path).name
+
+    assert data_of(["algorithm=ppo"]) == ("demo_mixed", "sft-mixed-train.jsonl")
+    assert data_of(["experiment=ppo"]) == ("demo_mixed", "sft-mixed-train.jsonl")
+    assert data_of(["algorithm=ppo", "data=demo"]) == ("demo", "sft-train.jsonl")
+    assert data_of(["algorithm=dpo"]) == ("demo", "sft-train.jsonl")
+    # the preference pairs the reward model learns from are the demo's own
+    assert compose(["algorithm=ppo"]).data.preference == compose(["algorithm=dpo"]).data.preference
+
+
 def test_an_objective_naming_no_stage_is_reported_before_the_run(caplog):
     with caplog.at_level("WARNING", logger="align_runner"):
         compose(["pipeline.eval=false"])

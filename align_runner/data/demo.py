@@ -6,8 +6,8 @@
 
 Files (all conversational, DESIGN §5):
 - sft-{train,eval}.jsonl: prompt-completion (``prompt``, ``completion``)
-- sft-mixed-{train,eval}.jsonl: the same rows, every other completion in a chatty style ("The answer is
-  45.") that the instruction rules out; ``data=demo_mixed`` trains SFT on them, so the model RLHF
+- sft-mixed-{train,eval}.jsonl: the same rows, every other completion in the chatty style the instruction
+  rules out and the preference pairs reject ("We add the two numbers together: 45."); ``data=demo_mixed`` trains SFT on them, so the model RLHF
   starts from follows the instruction only half the time and a reward model has something to teach
 - preference-{train,eval}.jsonl: explicit-prompt pairs; rejected is a near-miss number or a chatty
   answer, the base model's typical failure modes
@@ -38,8 +38,9 @@ def _pairs(rng: random.Random) -> dict[str, list[tuple[int, int]]]:
 
 
 def chatty(answer: str) -> str:
-    """The style the instruction rules out, carrying the right answer (``last_number`` accepts it)."""
-    return f"The answer is {answer}."
+    """The style the instruction rules out, carrying the right answer (``last_number`` accepts it); it
+    fits the demo eval's 12 new tokens with SmolLM2's tokenizer."""
+    return f"We add the two numbers together: {answer}."
 
 
 def _rejected(a: int, b: int, rng: random.Random) -> str:
