@@ -61,15 +61,16 @@ def test_shipped_demo_files_equal_a_fresh_generation():
         assert (DEMO_DIR / f"{name}.jsonl").read_text() == text, name
 
 
-def test_demo_mixed_sft_is_the_demo_sft_with_every_other_answer_chatty():
+def test_demo_mixed_sft_is_the_demo_sft_with_two_answers_in_three_chatty():
     files = generate()
     for split in ("train", "eval"):
         plain, mixed = files[f"sft-{split}"], files[f"sft-mixed-{split}"]
         assert [r["prompt"] for r in mixed] == [r["prompt"] for r in plain]
         texts = [r["completion"][0]["content"] for r in mixed]
         answers = [r["completion"][0]["content"] for r in plain]
-        assert texts[0::2] == answers[0::2]
-        assert texts[1::2] == [f"We add the two numbers together: {a}." for a in answers[1::2]]
+        chatty = [i % 3 != 0 for i in range(len(texts))]
+        assert [t for t, c in zip(texts, chatty) if not c] == [a for a, c in zip(answers, chatty) if not c]
+        assert [t for t, c in zip(texts, chatty) if c] == [f"{a}. We add the two numbers together." for a, c in zip(answers, chatty) if c]
         # the chatty half carries the right answer: lenient checkers pass it, the strict one does not
         assert last_number([None] * len(texts), texts, answer=answers) == [1.0] * len(texts)
-        assert exact_answer([None] * len(texts), texts, answer=answers) == [float(i % 2 == 0) for i in range(len(texts))]
+        assert exact_answer([None] * len(texts), texts, answer=answers) == [float(not c) for c in chatty]

@@ -6,8 +6,8 @@
 
 Files (all conversational, DESIGN §5):
 - sft-{train,eval}.jsonl: prompt-completion (``prompt``, ``completion``)
-- sft-mixed-{train,eval}.jsonl: the same rows, every other completion in the chatty style the instruction
-  rules out and the preference pairs reject ("We add the two numbers together: 45."); ``data=demo_mixed`` trains SFT on them, so the model RLHF
+- sft-mixed-{train,eval}.jsonl: the same rows, two in three completions with the chatty tail the
+  instruction rules out and the preference pairs reject ("45. We add the two numbers together."); ``data=demo_mixed`` trains SFT on them, so the model RLHF
   starts from follows the instruction only half the time and a reward model has something to teach
 - preference-{train,eval}.jsonl: explicit-prompt pairs; rejected is a near-miss number or a chatty
   answer, the base model's typical failure modes
@@ -38,9 +38,10 @@ def _pairs(rng: random.Random) -> dict[str, list[tuple[int, int]]]:
 
 
 def chatty(answer: str) -> str:
-    """The style the instruction rules out, carrying the right answer (``last_number`` accepts it); it
-    fits the demo eval's 12 new tokens with SmolLM2's tokenizer."""
-    return f"We add the two numbers together: {answer}."
+    """The answer with a tail the instruction rules out. The number comes first, so the arithmetic is
+    learnt as from the plain rows and ``last_number`` credits it; 11 SmolLM2 tokens with the end of turn
+    (the demo eval generates up to 12)."""
+    return f"{answer}. We add the two numbers together."
 
 
 def _rejected(a: int, b: int, rng: random.Random) -> str:
@@ -67,11 +68,11 @@ def generate(seed: int = 0) -> dict[str, list[dict]]:
             )
             prompts.append({"prompt": user, "answer": answer})
         files[f"sft-{split}"] = sft
-        # every other row restyled, so both styles cover the same spread of sums; no draws from rng,
-        # so the other files stay as they were
+        # two rows in three chatty, so the SFT model's greedy answers mostly carry the tail; no draws
+        # from rng, so the other files stay as they were
         files[f"sft-mixed-{split}"] = [
             {**row, "completion": [{"role": "assistant", "content": chatty(row["completion"][0]["content"])}]}
-            if i % 2
+            if i % 3
             else row
             for i, row in enumerate(sft)
         ]
