@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -291,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("repeats", "steps", "rows", "overhead_steps", "overhead_repeats", "threads", "max_length"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    # results of another device or model layout go beside the default's, not over them
+    # results of another device, model layout or align_runner setting go beside the default's, not over them
     suffix = "-quick" * args.quick + "-cuda" * (args.device == "cuda") + f"-{args.model}" * (args.model != "smollm2-135m")
+    suffix += "".join("-" + re.sub(r"[^\w.]+", "_", s) for s in args.set or [])
     started = time.perf_counter()
     results, failed = [], {}
     names = list(CASES) if "all" in args.case else list(dict.fromkeys(args.case))
