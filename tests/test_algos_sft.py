@@ -137,3 +137,55 @@ def test_linear_token_logps_by_hand() -> None:
     logps, correct = linear_token_logps(hidden, weight, torch.tensor([0, 1]), chunk_size=1)
     assert logps.tolist() == pytest.approx([math.log(0.25), math.log(0.75)])
     assert correct.tolist() == [False, True]
+
+
+@pytest.mark.parametrize("chunk_size", [3, 64])  # three chunks (logits recomputed in backward) / one (kept)
+def test_linear_token_logps_values_and_gradients_equal_the_plain_log_softmax(chunk_size) -> None:
+    from align_runner.algos.logprobs import linear_token_logps
+
+    torch.manual_seed(0)
+    hidden = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (8,))
+    targets[0] = (hidden[0] @ weight.T + bias).argmax()  # at least one right guess
+    scale = torch.randn(8, dtype=torch.float64)  # a loss weighing each token differently
+
+    logps, correct = linear_token_logps(hidden, weight, targets, bias=bias, chunk_size=chunk_size)
+    ours = torch.autograd.grad((logps * scale).sum(), (hidden, weight, bias), retain_graph=True)
+    again = torch.autograd.grad((logps * scale).sum(), (hidden, weight, bias))  # a retained graph reruns
+
+    logits = hidden @ weight.T + bias
+    plain = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    expected = torch.autograd.grad((plain * scale).sum(), (hidden, weight, bias))
+    assert torch.allclose(logps, plain, atol=1e-12)
+    assert correct.tolist() == (logits.argmax(-1) == targets).tolist() and correct[0]
+    for got, rerun, want in zip(ours, again, expected):
+        assert torch.allclose(got, want, atol=1e-12) and torch.equal(got, rerun)
+
+
+def test_linear_token_logps_under_bf16_autocast_matches_autocast_matmuls() -> None:
+    from align_runner.algos.logprobs import linear_token_logps
+
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(16, 8, requires_grad=True)
+    targets = torch.randint(0, 16, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps, _ = linear_token_logps(hidden, weight, targets, chunk_size=2)
+        plain = (hidden @ weight.T).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    assert logps.dtype == torch.float32 and torch.allclose(logps, plain, atol=1e-5)
+    ours = torch.autograd.grad(logps.sum(), (hidden, weight))
+    expected = torch.autograd.grad(plain.sum(), (hidden, weight))
+    for got, want in zip(ours, expected):
+        assert got.dtype == torch.float32 and torch.allclose(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_linear_token_logps_of_no_tokens() -> None:
+    from align_runner.algos.logprobs import linear_token_logps
+
+    weight = torch.randn(11, 5, requires_grad=True)
+    logps, correct = linear_token_logps(torch.zeros(0, 5), weight, torch.zeros(0, dtype=torch.long), chunk_size=4)
+    assert logps.shape == (0,) and correct.shape == (0,)
+    logps.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight))

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 # Half-precision logits are upcast before the log-softmax. In bf16 a log-prob carries only ~3
 # significant digits, so a sequence sum over hundreds of tokens has rounding error larger than the
@@ -106,32 +105,73 @@ def next_token_targets(input_ids: Tensor, counted: Tensor) -> tuple[Tensor, Tens
 def linear_token_logps(
     hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None, chunk_size: int
 ) -> tuple[Tensor, Tensor]:
-    """log softmax(hidden @ weight.T + bias)[targets] and whether each target is the argmax.
+    """log softmax(hidden @ weight.T + bias)[targets] and whether each target is an argmax.
 
     hidden: (N, H); weight: (V, H); targets: (N,) -> (logps (N,) float32 or wider, correct (N,) bool).
     At most ``chunk_size`` rows of (chunk, V) logits exist at a time: when there is more than one chunk,
-    each is recomputed in backward instead of kept (activation checkpointing), so neither pass holds
-    the (N, V) logits. Each row's value depends on its own hidden state only, so the chunking does not
-    change the result.
+    each chunk keeps only its logsumexp for backward and recomputes its logits there, so neither pass
+    holds the (N, V) logits. Each row's value depends on its own hidden state only, so the chunking does
+    not change the result.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if hidden.shape[0] <= chunk_size:
-        return _chunk_logps(hidden, weight, bias, targets)
+    keep = hidden.shape[0] <= chunk_size
     parts = [
-        checkpoint(_chunk_logps, hidden[s : s + chunk_size], weight, bias, targets[s : s + chunk_size], use_reentrant=False)
-        for s in range(0, hidden.shape[0], chunk_size)
+        _ChunkLogps.apply(hidden[s : s + chunk_size], weight, bias, targets[s : s + chunk_size].long(), keep)
+        for s in range(0, max(hidden.shape[0], 1), chunk_size)
     ]
+    if len(parts) == 1:
+        return parts[0]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _chunk_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
-    logits = F.linear(hidden, weight, bias)
-    if logits.dtype in LOW_PRECISION:
-        logits = logits.float()
-    with torch.no_grad():
-        correct = logits.argmax(dim=-1) == targets
-    return _token_logps(logits, targets.long()), correct
+class _ChunkLogps(torch.autograd.Function):
+    """One chunk of ``linear_token_logps`` with the softmax worked in place on the logits' own buffer.
+
+    The (N, V) logits are the step's largest tensor and every pass over them is memory-bound, so the
+    forward makes four (max, subtract, exp, sum) and the backward one or three, where a composed
+    gather + logsumexp + argmax and its autograd make about a dozen. d log p_t / d logits = onehot(t) -
+    softmax. ``keep``: hold exp(logits - max) for backward (one chunk: the memory the logits would take
+    anyway) instead of recomputing the logits there.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, keep: bool):
+        logits = F.linear(hidden, weight, bias)  # under autocast: in the compute dtype
+        ctx.compute_dtype = logits.dtype
+        if logits.dtype in LOW_PRECISION:
+            logits = logits.float()
+        picked = logits.gather(-1, targets[:, None]).squeeze(-1)
+        top = logits.amax(dim=-1)
+        correct = picked >= top
+        shifted = logits.sub_(top[:, None]).exp_()  # exp(logits - max), in place
+        total = shifted.sum(dim=-1)
+        lse = total.log() + top
+        ctx.mark_non_differentiable(correct)
+        if keep:
+            ctx.save_for_backward(hidden, weight, bias, targets, shifted, total)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse, None)
+        return picked - lse, correct
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _correct: Tensor | None):
+        hidden, weight, bias, targets, saved, total = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        if total is not None:  # saved = exp(logits - max), so softmax = saved / total (not in place:
+            # a retained graph may run this backward again)
+            grad_logits = saved * (-grad / total)[:, None]
+        else:  # saved = logsumexp: recompute the logits, softmax = exp(logits - lse)
+            logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+            if logits.dtype in LOW_PRECISION:
+                logits = logits.float()
+            grad_logits = logits.sub_(saved[:, None]).exp_().mul_(-grad[:, None])
+        grad_logits.scatter_add_(-1, targets[:, None], grad[:, None].to(grad_logits.dtype))
+        g = grad_logits.to(dtype)
+        grad_hidden = (g @ weight.to(dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (g.T @ hidden.to(dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def sequence_sums(values: Tensor, sequence: Tensor, num_sequences: int) -> Tensor:
