@@ -71,6 +71,6 @@ def test_demo_mixed_sft_is_the_demo_sft_with_two_answers_in_three_chatty():
         chatty = [i % 3 != 0 for i in range(len(texts))]
         assert [t for t, c in zip(texts, chatty) if not c] == [a for a, c in zip(answers, chatty) if not c]
         assert [t for t, c in zip(texts, chatty) if c] == [f"{a}. We add the two numbers together." for a, c in zip(answers, chatty) if c]
-        # the chatty half carries the right answer: lenient checkers pass it, the strict one does not
+        # the chatty rows carry the right answer: the lenient checker passes them, the strict one does not
         assert last_number([None] * len(texts), texts, answer=answers) == [1.0] * len(texts)
         assert exact_answer([None] * len(texts), texts, answer=answers) == [float(not c) for c in chatty]

@@ -7,8 +7,9 @@
 Files (all conversational, DESIGN §5):
 - sft-{train,eval}.jsonl: prompt-completion (``prompt``, ``completion``)
 - sft-mixed-{train,eval}.jsonl: the same rows, two in three completions with the chatty tail the
-  instruction rules out and the preference pairs reject ("45. We add the two numbers together."); ``data=demo_mixed`` trains SFT on them, so the model RLHF
-  starts from follows the instruction only half the time and a reward model has something to teach
+  instruction rules out and the preference pairs reject ("45. We add the two numbers together.");
+  ``data=demo_mixed`` trains SFT on them, so the model RLHF starts from mostly ignores the instruction
+  and a reward model has something to teach
 - preference-{train,eval}.jsonl: explicit-prompt pairs; rejected is a near-miss number or a chatty
   answer, the base model's typical failure modes
 - prompt-{train,eval}.jsonl: prompt-only with the reference ``answer`` column (eval, GRPO, PPO)
