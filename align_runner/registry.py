@@ -50,6 +50,16 @@ class Input:
 
 
 @dataclass(frozen=True)
+class HeldModels:
+    """Models a stage holds beside the one it trains, each counted at its input model's size by the
+    dry run's memory estimate: ``frozen`` whole copies for forward passes only (a reference, a reward
+    model), ``trained`` ones sharded like the policy, with their own gradients and optimizer (a critic)."""
+
+    frozen: int = 0
+    trained: int = 0
+
+
+@dataclass(frozen=True)
 class StageKind:
     """A registered stage kind.
 
@@ -67,6 +77,7 @@ class StageKind:
     not checked.
     check: ``check(cfg, spec)``, run when the graph is built (before any model loads): raises a
     ConfigError for settings of this kind that cannot work together.
+    held: ``held(cfg, spec) -> HeldModels``, the other models it loads (None: none).
     """
 
     name: str
@@ -78,6 +89,7 @@ class StageKind:
     key_metrics: tuple[str, ...] = ()
     check: Callable[[Any, Any], None] | None = None
     metrics: Metrics | None = None
+    held: Callable[[Any, Any], HeldModels] | None = None
 
     def produces(self, cfg: Any, spec: Any) -> set[str] | None:
         """The metric names this kind reports as stage ``spec`` of ``cfg``; None when undeclared."""
@@ -100,6 +112,7 @@ def register_stage(
     key_metrics: tuple[str, ...] = (),
     check: Callable[[Any, Any], None] | None = None,
     metrics: Metrics | None = None,
+    held: Callable[[Any, Any], HeldModels] | None = None,
 ):
     """Decorator registering a stage function under ``name`` (fields as in ``StageKind``)."""
 
@@ -107,7 +120,7 @@ def register_stage(
         if name in _STAGES and _STAGES[name].fn is not fn:
             raise ValueError(f"stage kind {name!r} is registered twice ({_STAGES[name].fn} and {fn})")
         _STAGES[name] = StageKind(
-            name, fn, trains, tuple(views), policy, dict(inputs or {}), tuple(key_metrics), check, metrics
+            name, fn, trains, tuple(views), policy, dict(inputs or {}), tuple(key_metrics), check, metrics, held
         )
         return fn
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from cli_runner import run_cli, single_thread
+from omegaconf import OmegaConf
 
 from align_runner import api
 from align_runner.pipeline.preflight import (
@@ -14,6 +15,7 @@ from align_runner.pipeline.preflight import (
     lora_trainable,
     model_shape,
     print_plan,
+    stage_estimate,
 )
 from align_runner.validate import CONF_DIR
 
@@ -53,11 +55,54 @@ def test_lora_and_quantization_and_offload():
 def test_activation_estimate():
     # Qwen2.5-0.5B-like: H=896, L=24, V=151936; 8 x 512 tokens in bf16
     tokens = 8 * 512
-    logits = tokens * 151936 * 8
-    full = activation_bytes(micro_batch=8, seq_len=512, hidden=896, layers=24, vocab=151936, act_bytes=2, checkpointing=False)
+    shape = dict(micro_batch=8, seq_len=512, hidden=896, layers=24, act_bytes=2)
+    # the counted-token head holds one fp32 chunk of 2048 x V logits and its softmax / gradient, never
+    # the (8, 512, V) logits
+    logits = 2 * 2048 * 151936 * 4
+    full = activation_bytes(**shape, checkpointing=False, vocab=151936, logits_chunk=2048)
     assert full == tokens * 896 * 2 * 17 * 24 + logits
-    ckpt = activation_bytes(micro_batch=8, seq_len=512, hidden=896, layers=24, vocab=151936, act_bytes=2, checkpointing=True)
+    ckpt = activation_bytes(**shape, checkpointing=True, vocab=151936, logits_chunk=2048)
     assert ckpt == tokens * 896 * 2 * (24 + 17) + logits
+    # a chunk larger than the micro-batch holds the micro-batch's tokens; a scorer (vocab 0) no logits
+    assert activation_bytes(**shape, checkpointing=False, vocab=151936, logits_chunk=10**6) == (
+        tokens * 896 * 2 * 17 * 24 + 2 * tokens * 151936 * 4)
+    assert activation_bytes(**shape, checkpointing=False, logits_chunk=2048) == tokens * 896 * 2 * 17 * 24
+
+
+def test_stage_estimates_count_the_head_and_the_models_a_stage_holds(tmp_path, model_cache):
+    from align_runner.config import stage_train
+    from align_runner.pipeline.runner import plan
+    from align_runner.pipeline.store import StageStore
+
+    def estimates(*extra):
+        cfg = api.compose(["experiment=ppo_tiny", f"paths.outputs={tmp_path}", f"paths.cache={model_cache}", *extra])
+        shape = model_shape(cfg)
+        out = {}
+        for p in plan(cfg, StageStore(cfg.paths.store)):
+            if p.spec.kind in ("sft", "reward", "ppo"):
+                train = stage_train(cfg, OmegaConf.select(cfg, p.spec.config))
+                out[p.spec.kind] = (stage_estimate(cfg, shape, train, p.spec), train.micro_batch_size)
+        return out
+
+    P = 139_584  # the tiny model (test above); fp32 on the CPU: 4 bytes a weight, 16 with grads and AdamW
+    layers, hidden, vocab, length = 2, 64, 512, 256  # ppo_tiny: data.max_length 256
+
+    def body(micro_batch):
+        return micro_batch * length * hidden * 4 * 17 * layers
+
+    est = estimates()
+    sft, sft_batch = est["sft"]
+    assert sft.activations == body(sft_batch) + 2 * sft_batch * length * vocab * 4  # chunk > the micro-batch
+    assert sft.held == 0
+    reward, reward_batch = est["reward"]
+    assert reward.activations == body(reward_batch)  # a scalar score head: no vocabulary logits
+    ppo, ppo_batch = est["ppo"]
+    # the frozen reference and reward model, whole; the critic trained like the policy, without logits
+    assert ppo.held == 2 * 4 * P + 16 * P + body(ppo_batch)
+    assert ppo.total == 16 * P + ppo.activations + ppo.held
+    # under LoRA the adapter-disabled policy is the reference: only the reward model is frozen beside it
+    lora, _ = estimates("+model/lora=default")["ppo"]
+    assert lora.held == 4 * P + 16 * P + body(ppo_batch)
 
 
 def test_model_shape_of_the_tiny_model_by_hand_and_lora_count_matches_peft(model_cache):

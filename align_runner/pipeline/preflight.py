@@ -14,7 +14,12 @@ Memory model (bytes per device; P parameters, T trainable, N processes, w bytes 
 - activations of one micro-batch of B sequences of S = data.max_length tokens, hidden size H, L layers,
   vocabulary V, a bytes per activation: B*S*H*a*17 per layer (Korthikanti et al. 2022: 34*s*b*h bytes
   at 2 bytes per element, with fused attention), or B*S*H*a per layer plus one layer's 17 when
-  recomputed (gradient checkpointing); plus B*S*V*8 for fp32 logits and their gradient.
+  recomputed (gradient checkpointing); plus, for a policy, the counted-token LM head's fp32 logits:
+  2*C*V*4 for one chunk of C = min(B*S, train.logits_chunk_tokens) rows and its softmax or gradient
+  (``algos.logprobs``; the full (B, S, V) logits never exist). A scorer's scalar head has none;
+- models a stage holds beside the trained one (``registry.HeldModels``), each at the input model's
+  size: a frozen copy (reference, reward model) whole on every device, P*w; a trained one (PPO's
+  critic) like the policy, without the logits.
 
 w is the backend's weight dtype: fp32 master weights under bf16/fp16 autocast for DDP and FSDP2 (pure
 bf16 only with model.dtype=bfloat16); DeepSpeed holds weights in the compute precision beside its fp32
@@ -37,7 +42,7 @@ from rich.table import Table
 from align_runner.config import stage_train
 from align_runner.pipeline.runner import plan
 from align_runner.pipeline.store import StageStore
-from align_runner.registry import get_stage
+from align_runner.registry import HeldModels, get_stage
 
 log = logging.getLogger("align_runner")
 
@@ -70,10 +75,12 @@ class MemoryEstimate:
     activations: float | None
     trainable: int
     num_params: int
+    # the other models the stage holds (module docstring)
+    held: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + (self.activations or 0.0)
+        return self.weights + self.gradients + self.optimizer + (self.activations or 0.0) + self.held
 
 
 def lora_trainable(
@@ -99,13 +106,22 @@ def lora_trainable(
 
 
 def activation_bytes(
-    *, micro_batch: int, seq_len: int, hidden: int, layers: int, vocab: int, act_bytes: int, checkpointing: bool
+    *,
+    micro_batch: int,
+    seq_len: int,
+    hidden: int,
+    layers: int,
+    act_bytes: int,
+    checkpointing: bool,
+    vocab: int = 0,
+    logits_chunk: int = 0,
 ) -> int:
-    """Activations kept for backward in one micro-batch (module docstring)."""
+    """Activations kept for backward in one micro-batch, plus the LM head's logits of ``logits_chunk``
+    tokens at a time over ``vocab`` (0 for a scorer) (module docstring)."""
     tokens = micro_batch * seq_len
     per_layer = tokens * hidden * act_bytes
     body = per_layer * (layers + ACT_ELEMENTS_PER_LAYER) if checkpointing else per_layer * ACT_ELEMENTS_PER_LAYER * layers
-    return body + tokens * vocab * 8
+    return body + 2 * min(tokens, logits_chunk) * vocab * 4
 
 
 def estimate_memory(
@@ -211,42 +227,47 @@ def _meta_shape(config_json: str) -> ModelShape:
     )
 
 
-def stage_estimate(cfg: DictConfig, shape: ModelShape, train: Any) -> MemoryEstimate:
-    """The estimate for one training stage with its ``train`` settings."""
+def stage_estimate(cfg: DictConfig, shape: ModelShape, train: Any, spec: Any) -> MemoryEstimate:
+    """The estimate for training stage ``spec`` with its ``train`` settings, with the models it holds."""
 
     from align_runner.engine.backend import PRECISION_DTYPES, effective_precision, model_dtype
 
     hw, m = cfg.hardware, cfg.model
-    precision = effective_precision(hw)
+    kind = get_stage(spec.kind)
     trainable = total = shape.num_params
     if m.lora is not None:  # the base stays frozen; the adapters come on top
         trainable = lora_trainable(shape.linears, r=int(m.lora.r), target_modules=m.lora.target_modules,
                                    use_dora=bool(m.lora.use_dora), model_type=shape.model_type)
         total = shape.num_params + trainable
-    acts = None
-    if shape.hidden_size and shape.num_layers and shape.vocab_size:
-        acts = activation_bytes(
+
+    def activations(vocab: int) -> float | None:
+        if not (shape.hidden_size and shape.num_layers and shape.vocab_size):
+            return None
+        return activation_bytes(
             micro_batch=int(train.micro_batch_size),
             seq_len=int(cfg.data.max_length),
             hidden=int(shape.hidden_size),
             layers=int(shape.num_layers),
-            vocab=int(shape.vocab_size),
-            act_bytes=_WEIGHT_BYTES[precision],
+            act_bytes=_WEIGHT_BYTES[effective_precision(hw)],
             checkpointing=bool(m.gradient_checkpointing),
+            vocab=vocab,
+            logits_chunk=int(train.logits_chunk_tokens),
         )
+
     # weights are stored in the backend's weight dtype: fp32 masters under bf16 autocast by default
     stored = {dtype: name for name, dtype in PRECISION_DTYPES.items()}[model_dtype(hw, str(m.dtype))]
-    return estimate_memory(
-        num_params=total,
-        trainable=trainable,
-        backend=str(hw.backend),
-        zero_stage=int(hw.zero_stage),
-        world_size=int(hw.num_processes) * int(hw.num_nodes),
-        precision=stored,
-        offload_optimizer=bool(hw.offload_optimizer),
-        quantization=m.quantization,
-        activations=acts,
-    )
+    sharding = dict(backend=str(hw.backend), zero_stage=int(hw.zero_stage),
+                    world_size=int(hw.num_processes) * int(hw.num_nodes), precision=stored,
+                    offload_optimizer=bool(hw.offload_optimizer))
+    held = kind.held(cfg, spec) if kind.held else HeldModels()
+    held_bytes = held.frozen * shape.num_params * _WEIGHT_BYTES[stored]
+    if held.trained:
+        companion = estimate_memory(num_params=shape.num_params, trainable=shape.num_params,
+                                    activations=activations(0), **sharding)
+        held_bytes += held.trained * companion.total
+    estimate = estimate_memory(num_params=total, trainable=trainable, quantization=m.quantization,
+                               activations=activations(int(shape.vocab_size or 0) if kind.policy else 0), **sharding)
+    return replace(estimate, held=float(held_bytes))
 
 
 def _gib(x: float | None) -> str:
@@ -271,11 +292,12 @@ def print_plan(cfg: DictConfig) -> None:
             else:
                 section = OmegaConf.select(cfg, p.spec.config)
                 train = stage_train(cfg, section)
-                est = stage_estimate(cfg, shape, train)
+                est = stage_estimate(cfg, shape, train, p.spec)
                 memory = _gib(est.total)
+                held = f" + held models {_gib(est.held)}" if est.held else ""
                 details.append(
                     f"  {p.spec.name}: weights {_gib(est.weights)} + gradients {_gib(est.gradients)} + optimizer "
-                    f"{_gib(est.optimizer)} + activations {_gib(est.activations)} (micro-batch {train.micro_batch_size} x "
+                    f"{_gib(est.optimizer)} + activations {_gib(est.activations)}{held} (micro-batch {train.micro_batch_size} x "
                     f"{cfg.data.max_length} tokens, gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}); "
                     f"trainable {est.trainable:,} of {est.num_params:,} parameters"
                 )

@@ -46,7 +46,7 @@ from align_runner.models.reference import (
     attach_reference,
     preference_forward_public,
 )
-from align_runner.registry import Input, register_stage
+from align_runner.registry import HeldModels, Input, register_stage
 from align_runner.stages.context import StageContext
 from align_runner.validate import require
 
@@ -190,6 +190,8 @@ def check_dpo(cfg, spec) -> None:
     metrics=offline(*(f"{w}/{s}" for w in ("rewards", "logps") for s in ("chosen", "rejected")),
                     "rewards/margins", "rewards/accuracies", "nll_loss", "log_odds_ratio"),
     check=check_dpo,
+    # TR-DPO's live reference: a whole copy of the policy (check_dpo)
+    held=lambda cfg, spec: HeldModels(frozen=int(OmegaConf.select(cfg, f"{spec.config}.ref_sync.every") is not None)),
 )
 def run_dpo(ctx: StageContext) -> dict[str, float]:
     tokenizer = ctx.tokenizer()

@@ -30,13 +30,14 @@ from align_runner.engine.online import Rollout, Update, fit_online
 from align_runner.engine.rollout import row_seed
 from align_runner.models.loading import takes_attention_masks
 from align_runner.models.peft import is_peft_model
-from align_runner.registry import Input, register_stage
+from align_runner.registry import HeldModels, Input, register_stage
 from align_runner.stages.context import StageContext
 from align_runner.stages.rollouts import (
     check_rollout_sizes,
     check_scorers,
     completion_logps,
     global_rows,
+    held_reward_model,
     make_generator,
     policy_step,
     rank_prompts,
@@ -67,6 +68,13 @@ def grpo_metrics(rewards: list[str]) -> tuple[str, ...]:
                   "policy_loss", *clip, "kl", "entropy")
 
 
+def grpo_held(cfg, spec) -> HeldModels:
+    """The frozen reference when the loss has a KL term (``beta`` > 0) outside LoRA, and the reward
+    model when the pipeline binds one."""
+    beta = float(OmegaConf.select(cfg, spec.config).loss.get("beta", 0.0))
+    return HeldModels(frozen=int(beta > 0 and cfg.model.lora is None) + held_reward_model(spec))
+
+
 @register_stage(
     "grpo",
     trains=True,
@@ -75,6 +83,7 @@ def grpo_metrics(rewards: list[str]) -> tuple[str, ...]:
     key_metrics=("reward", "reward_std", "completions/mean_length", "frac_reward_zero_std"),
     check=check_grpo,
     metrics=lambda cfg, spec: grpo_metrics(reward_names(cfg, spec)),
+    held=grpo_held,
 )
 def run_grpo(ctx: StageContext) -> dict[str, float]:
     a, backend = ctx.section, ctx.backend

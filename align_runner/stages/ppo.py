@@ -43,13 +43,14 @@ from align_runner.fsutil import atomic_write_json
 from align_runner.models.critic import completion_values, load_critic
 from align_runner.models.loading import enable_gradient_checkpointing, save_pretrained_atomic
 from align_runner.models.peft import is_peft_model
-from align_runner.registry import Input, register_stage
+from align_runner.registry import HeldModels, Input, register_stage
 from align_runner.stages.context import StageContext
 from align_runner.stages.rollouts import (
     check_rollout_sizes,
     check_scorers,
     completion_logps,
     global_rows,
+    held_reward_model,
     make_generator,
     policy_step,
     rank_prompts,
@@ -142,6 +143,12 @@ def ppo_metrics(rewards: list[str]) -> tuple[str, ...]:
                   *times, *policy, *critic)
 
 
+def ppo_held(cfg, spec) -> HeldModels:
+    """The frozen reference (none under LoRA: the adapter-disabled policy is it), the reward model when
+    the pipeline binds one, and the critic, trained beside the policy."""
+    return HeldModels(frozen=int(cfg.model.lora is None) + held_reward_model(spec), trained=1)
+
+
 @register_stage(
     "ppo",
     trains=True,
@@ -150,6 +157,7 @@ def ppo_metrics(rewards: list[str]) -> tuple[str, ...]:
     key_metrics=("objective/scores", "objective/rlhf_reward", "objective/kl", "loss/value_avg"),
     check=check_ppo,
     metrics=lambda cfg, spec: ppo_metrics(reward_names(cfg, spec)),
+    held=ppo_held,
 )
 def run_ppo(ctx: StageContext) -> dict[str, float]:
     a, backend = ctx.section, ctx.backend

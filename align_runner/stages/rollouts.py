@@ -118,6 +118,12 @@ def reward_names(cfg, spec) -> list[str]:
     return names + (["reward_model"] if "reward_model" in dict(spec.inputs) else [])
 
 
+def held_reward_model(spec) -> int:
+    """1 when the stage reads the pipeline's reward model (``reward_functions`` loads it whole), else 0:
+    its share of ``registry.HeldModels``."""
+    return int("reward_model" in dict(spec.inputs))
+
+
 def reward_functions(ctx: StageContext) -> dict[str, Any]:
     """The configured reward functions, plus the pipeline's reward model (``reward_model``) when the
     stage has that input."""
