@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,34 @@ def test_generated_rows_reach_their_target_lengths():
 # ===================================================================================== smoke runs
 
 
+def test_direct_overhead_is_the_time_a_loop_spends_outside_the_model():
+    """A loop that does the model's work plus 10 ms of its own per call, against one that does the model's
+    work only: the direct estimate finds the 10 ms over the bare loop's time, whatever the model's own
+    time does, and Tensor.backward is itself again afterwards."""
+    clock = measure.ModelClock()
+    backward = torch.Tensor.backward
+    w = torch.ones(3, requires_grad=True)
+    model_s = iter([0.05, 0.02, 0.08, 0.03, 0.04, 0.06])  # the model's time swings from pass to pass
+
+    def step():  # the forward + loss
+        time.sleep(next(model_s, 0.03))
+        return (w * 2).sum()
+
+    timed, bookkeeping = clock.wrap(step), 0.01
+
+    def engine():
+        timed().backward()
+        time.sleep(bookkeeping)
+
+    out = measure.alternate(engine, lambda: timed().backward(), repeats=2, clock=clock)
+    assert torch.Tensor.backward is backward
+    assert len(out["engine_rest_s"]) == len(out["bare_rest_s"]) == 2
+    assert all(0 <= r < t for r, t in zip(out["engine_rest_s"] + out["bare_rest_s"], out["engine_s"] + out["bare_s"]))
+    assert sum(out["engine_rest_s"]) - sum(out["bare_rest_s"]) == pytest.approx(2 * bookkeeping, abs=0.012)
+    assert out["direct_pct"] == pytest.approx(
+        100 * (sum(out["engine_rest_s"]) - sum(out["bare_rest_s"])) / sum(out["bare_s"]))
+
+
 def test_suite_quick_align_runner(tmp_path):
     bench(["all", "--quick", "--repeats", "1", "--only", "align_runner"], tmp_path)
     suite = json.loads((tmp_path / "suite-quick.json").read_text())
@@ -147,6 +176,7 @@ def test_suite_quick_align_runner(tmp_path):
         o = a["overhead"]
         assert len(o["engine_s"]) == len(o["bare_s"]) == 2 and min(o["engine_s"] + o["bare_s"]) > 0
         assert o["median_pct"] == pytest.approx(sum(o["pairs_pct"]) / 2)
+        assert all(0 <= r < t for r, t in zip(o["engine_rest_s"] + o["bare_rest_s"], o["engine_s"] + o["bare_s"]))
         data = res["data"]
         if name == "grpo":
             assert run["steps"] == 2 and run["units"] == 2 * 4 * 8  # steps x prompts per step x generations
@@ -194,5 +224,6 @@ def test_ppo_quick_reports_the_time_split_and_engine_overhead(tmp_path):
     assert len(o["engine_s"]) == len(o["bare_s"]) == 2 and min(o["engine_s"] + o["bare_s"]) > 0
     assert o["pairs_pct"] == [100 * (a - b) / b for a, b in zip(o["engine_s"], o["bare_s"])]
     assert o["median_pct"] == pytest.approx(sum(o["pairs_pct"]) / 2)
+    assert all(0 <= r < t for r, t in zip(o["engine_rest_s"] + o["bare_rest_s"], o["engine_s"] + o["bare_s"]))
     assert "no PPO trainer" in res["trl"]
     assert (tmp_path / "ppo-quick.md").read_text().startswith("# ppo (quick)")

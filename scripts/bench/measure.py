@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 
 FLOP_FORMULA = (
@@ -180,7 +181,8 @@ class EngineRecorder:
         pass of each; overhead = median over pairs of (a - b) / b."""
         engine, replayed = self.engine, self.steps[:steps]
         engine.model = None  # the trained model: free it before the copy's optimizer state is built
-        step = rebind_step(self.step_fn, model)
+        clock = ModelClock()
+        step = clock.wrap(rebind_step(self.step_fn, model))
         state = engine.setup(model, total_steps=len(replayed))
         max_grad_norm = float(engine.train.max_grad_norm)
 
@@ -192,7 +194,7 @@ class EngineRecorder:
             for batches in replayed:
                 bare_step(state, step, batches, max_grad_norm, engine.backend.precision)
 
-        return alternate(through_engine, bare, repeats) | {
+        return alternate(through_engine, bare, repeats, clock) | {
             "optimizer_steps": len(replayed),
             "micro_batches": sum(len(b) for b in replayed),
         }
@@ -235,23 +237,78 @@ def bare_step(state, step, batches: list[dict], max_grad_norm: float, precision:
     state.optimizer.zero_grad(set_to_none=True)
 
 
-def alternate(engine_fn: Callable[[], None], bare_fn: Callable[[], None], repeats: int) -> dict:
+class ModelClock:
+    """The seconds a replay spends in the model's own work, which both loops share: the step function
+    (forward + loss, wrapped by ``wrap``) and ``Tensor.backward`` (patched inside ``timing``).
+
+    What a pass spends besides them is its own bookkeeping, optimizer step and clipping included: the
+    engine's or the bare loop's. Whole passes swing by about 10% from one to the next on a shared CPU,
+    more than the overhead sought; the remainders are measured in the same passes and do not carry
+    the model kernels' swing, so their difference is the overhead measured directly."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def _timed(self, fn: Callable) -> Callable:
+        from common import synchronize
+
+        def timed(*args, **kwargs):
+            synchronize()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                synchronize()
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+    def wrap(self, step: Callable) -> Callable:
+        return self._timed(step)
+
+    @contextmanager
+    def timing(self) -> Iterator[ModelClock]:
+        import torch
+
+        backward = torch.Tensor.backward
+        torch.Tensor.backward = self._timed(backward)
+        try:
+            yield self
+        finally:
+            torch.Tensor.backward = backward
+
+
+def alternate(engine_fn: Callable[[], None], bare_fn: Callable[[], None], repeats: int, clock: ModelClock) -> dict:
     """``engine_fn`` and ``bare_fn`` timed alternately ``repeats`` times each, after one unmeasured
-    call of each (allocator and kernel warm-up); the overhead of each pair and their median, in %."""
+    call of each (allocator and kernel warm-up): the overhead of each pair and their median, in %, and
+    the direct estimate, (engine's remainder - bare's remainder) / bare, the remainders being each
+    pass's time outside the model's forward and backward (``ModelClock``)."""
 
     from common import synchronize
 
-    def seconds(fn) -> float:
+    def seconds(fn) -> tuple[float, float]:
         synchronize()
-        t0 = time.perf_counter()
-        fn()
+        model_before, t0 = clock.seconds, time.perf_counter()
+        with clock.timing():
+            fn()
         synchronize()
-        return time.perf_counter() - t0
+        total = time.perf_counter() - t0
+        return total, total - (clock.seconds - model_before)
 
     engine_fn(), bare_fn()
-    engine_s, bare_s = [], []
+    engine_s, bare_s, engine_rest, bare_rest = [], [], [], []
     for _ in range(repeats):
-        engine_s.append(seconds(engine_fn))
-        bare_s.append(seconds(bare_fn))
+        for fn, whole, rest in ((engine_fn, engine_s, engine_rest), (bare_fn, bare_s, bare_rest)):
+            total, remainder = seconds(fn)
+            whole.append(total)
+            rest.append(remainder)
     pairs = [100.0 * (a - b) / b for a, b in zip(engine_s, bare_s)]
-    return {"engine_s": engine_s, "bare_s": bare_s, "pairs_pct": pairs, "median_pct": statistics.median(pairs)}
+    return {
+        "engine_s": engine_s,
+        "bare_s": bare_s,
+        "pairs_pct": pairs,
+        "median_pct": statistics.median(pairs),
+        "engine_rest_s": engine_rest,
+        "bare_rest_s": bare_rest,
+        "direct_pct": 100.0 * (sum(engine_rest) - sum(bare_rest)) / sum(bare_s),
+    }

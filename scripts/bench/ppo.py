@@ -46,7 +46,8 @@ from common import (
 )
 from common import code_label as _code
 from common import load_label as _load
-from measure import bare_step
+from measure import ModelClock, alternate, bare_step
+from report import overhead_lines
 
 # the rollout phases each PPO metrics row times (stages/ppo.py), then the updates (engine/online.py)
 PHASES = ("generation", "scoring", "reference", "values", "update")
@@ -142,39 +143,27 @@ def overrides(spec: dict) -> list[str]:
 
 def engine_overhead(engine, updates, steps: list[list[dict]], epochs: int, repeats: int) -> dict:
     """The rollout's updates (epochs x steps x models optimizer steps) timed through the engine and
-    bare, alternating; one unmeasured pass of each first (allocator and kernel warm-up)."""
+    bare, alternating (``measure.alternate``)."""
     max_grad_norm = float(engine.train.max_grad_norm)
+    clock = ModelClock()
+    timed = [(u.state, clock.wrap(u.step)) for u in updates]
 
     def through_engine() -> None:
         for _ in range(epochs):
             for batches in steps:
-                for u in updates:
-                    engine.train_step(u.state, u.step, batches)
+                for state, step in timed:
+                    engine.train_step(state, step, batches)
 
     def bare() -> None:
         for _ in range(epochs):
             for batches in steps:
-                for u in updates:
-                    bare_step(u.state, u.step, batches, max_grad_norm)
+                for state, step in timed:
+                    bare_step(state, step, batches, max_grad_norm)
 
-    def seconds(fn) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    through_engine(), bare()
-    engine_s, bare_s = [], []
-    for _ in range(repeats):
-        engine_s.append(seconds(through_engine))
-        bare_s.append(seconds(bare))
-    pairs = [100.0 * (a - b) / b for a, b in zip(engine_s, bare_s)]
     return {
         "optimizer_steps": epochs * len(steps) * len(updates),
         "micro_batches": epochs * sum(len(b) for b in steps) * len(updates),
-        "engine_s": engine_s,
-        "bare_s": bare_s,
-        "pairs_pct": pairs,
-        "median_pct": statistics.median(pairs),
+        **alternate(through_engine, bare, repeats, clock),
         "goal_pct": OVERHEAD_GOAL_PCT,
     }
 
@@ -347,19 +336,12 @@ def markdown(res: dict) -> str:
         "forward/backward passes over policy and critic) through `Engine.train_step` vs a bare PyTorch loop "
         "(same step functions, models, micro-batches and AdamW), alternating:",
         "",
-        "| pair | engine s | bare s | overhead |",
-        "|---:|---:|---:|---:|",
-        *[
-            f"| {i + 1} | {a:.3f} | {b:.3f} | {p:+.2f}% |"
-            for i, (a, b, p) in enumerate(zip(o["engine_s"], o["bare_s"], o["pairs_pct"]))
-        ],
-        "",
-        f"Median overhead: **{o['median_pct']:+.2f}%** (goal <= {o['goal_pct']:.0f}%)."
-        + (
-            f" **Noisy**: the bare loop's runs differ by {max(o['bare_s']) / min(o['bare_s']):.2f}x, more than "
-            "the overhead measured; the pairs' spread is the machine's, not the engine's."
+        *overhead_lines(o, o["goal_pct"]),
+        *(
+            [f"**Noisy**: the bare loop's runs differ by {max(o['bare_s']) / min(o['bare_s']):.2f}x, more than "
+             "the overhead measured; the pairs' spread is the machine's, not the engine's."]
             if max(o["bare_s"]) / min(o["bare_s"]) > NOISY
-            else ""
+            else []
         ),
         "",
         f"Model: Llama, {mo['num_hidden_layers']} layers, hidden {mo['hidden_size']}, vocab {mo['vocab_size']}, "

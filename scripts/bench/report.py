@@ -30,6 +30,8 @@ def suite_rows(results: list[dict]) -> dict[str, dict]:
             "flops_per_s": a.get("flops_per_s"),
             "peak_share": a.get("peak_share"),
             "overhead_pct": overhead["median_pct"] if overhead else None,
+            # results written before the direct estimate existed have none
+            "overhead_direct_pct": overhead.get("direct_pct") if overhead else None,
             "goal_ratio": GOALS.get(res["case"]),
         }
     return rows
@@ -47,7 +49,7 @@ def suite_markdown(suite: dict) -> str:
         f"`{suite['command']}` — {m['date']}, {suite['total_seconds']:.0f} s in all; {suite['threads']} torch "
         f"thread(s); {_peak_label(peak)} (best of sizes {', '.join(peak['per_size_flops'])}).",
         "",
-        "| case | unit | align_runner / TRL (median) | per repeat | goal | peak RSS ratio | peak GPU memory ratio | align_runner GFLOP/s | share of matmul peak | engine overhead vs bare loop |",
+        "| case | unit | align_runner / TRL (median) | per repeat | goal | peak RSS ratio | peak GPU memory ratio | align_runner GFLOP/s | share of matmul peak | engine overhead vs bare loop: median pair, direct |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in suite["cases"].items():
@@ -57,7 +59,7 @@ def suite_markdown(suite: dict) -> str:
             f"| {name} | {r['unit']}/s | {_x(r['ratio'])} | {pairs} | {goal} | {_x(r['peak_rss_ratio'])} | "
             f"{_x(r.get('peak_gpu_ratio'))} | "
             f"{_x(r['flops_per_s'] and r['flops_per_s'] / 1e9, '{:.1f}')} | {_x(r['peak_share'] and 100 * r['peak_share'], '{:.1f}%')} | "
-            f"{_x(r['overhead_pct'], '{:+.2f}%')} |"
+            f"{_x(r['overhead_pct'], '{:+.2f}%')}, {_x(r.get('overhead_direct_pct'), '{:+.2f}%')} |"
         )
     for name, why in suite.get("failed", {}).items():
         lines.append(f"| {name} | FAILED: {why} |" + " |" * 8)
@@ -145,12 +147,26 @@ def _align_runner_lines(a: dict, peak: dict) -> list[str]:
             "on a fresh copy of the model through `Engine.train_step` and through a bare PyTorch loop (the same step "
             "function, forward + loss, backward, clip, AdamW step, zero_grad), alternating after one unmeasured pass of each:",
             "",
-            "| pair | engine s | bare s | overhead |",
-            "|---:|---:|---:|---:|",
-            *[f"| {i + 1} | {e:.3f} | {b:.3f} | {p:+.2f}% |" for i, (e, b, p) in enumerate(zip(o["engine_s"], o["bare_s"], o["pairs_pct"]))],
-            "",
-            f"Median overhead **{o['median_pct']:+.2f}%** (goal <= {OVERHEAD_GOAL_PCT:.0f}%).",
+            *overhead_lines(o, OVERHEAD_GOAL_PCT),
         ]
+    return lines
+
+
+def overhead_lines(o: dict, goal_pct: float) -> list[str]:
+    """The replay's pairs and its two estimates (``measure.alternate``); shared with ppo.py's page."""
+    direct = "direct_pct" in o  # results written before it existed have the pairs only
+    rest = (lambda i: f" | {o['engine_rest_s'][i]:.3f} | {o['bare_rest_s'][i]:.3f}") if direct else (lambda i: "")
+    lines = [
+        "| pair | engine s | bare s | overhead |" + (" engine s outside forward + backward | bare s outside |" if direct else ""),
+        "|---:|---:|---:|---:|" + ("---:|---:|" if direct else ""),
+        *[f"| {i + 1} | {e:.3f} | {b:.3f} | {p:+.2f}%{rest(i)} |"
+          for i, (e, b, p) in enumerate(zip(o["engine_s"], o["bare_s"], o["pairs_pct"]))],
+        "",
+        f"Median overhead of the pairs **{o['median_pct']:+.2f}%**"
+        + (f"; measured directly (the engine's time outside the model's forward and backward minus the bare "
+           f"loop's, over the bare loop's time) **{o['direct_pct']:+.2f}%**" if direct else "")
+        + f" (goal <= {goal_pct:.0f}%).",
+    ]
     return lines
 
 
