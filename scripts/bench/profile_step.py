@@ -20,11 +20,14 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 
 import torch
-from common import RESULTS, SMOLLM2_135M, code_fingerprint, code_label, machine
+from common import REPO, RESULTS, SMOLLM2_135M, code_fingerprint, code_label, machine
 from measure import FLOP_FORMULA, batch_flops, batch_sequences, matmul_peak
+
+sys.path.insert(0, str(REPO))  # this checkout's align_runner, as run.py's workers import it
 
 MATMULS = ("aten::mm", "aten::addmm")
 
