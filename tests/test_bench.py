@@ -88,7 +88,7 @@ def test_a_shared_prompt_pair_counts_its_tokens_once_and_its_attended_pairs():
 
 def test_alternate_reports_each_pair_and_their_median():
     calls = []
-    out = measure.alternate(lambda: calls.append("engine"), lambda: calls.append("bare"), repeats=3)
+    out = measure.alternate(lambda: calls.append("engine"), lambda: calls.append("bare"), repeats=3, clock=measure.ModelClock())
     # one unmeasured call of each, then alternating
     assert calls == ["engine", "bare"] * 4
     assert out["pairs_pct"] == [100 * (a - b) / b for a, b in zip(out["engine_s"], out["bare_s"])]
