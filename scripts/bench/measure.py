@@ -129,24 +129,27 @@ def matmul_peak(sizes: tuple[int, ...], repeats: int, device: str = "cpu") -> di
 # ===================================================================================== timing
 
 
-def patch_timer(owner, name: str) -> list[float]:
-    """Replace ``owner.name`` (a module's function or a class's method) by a wrapper that times each
-    call, queued GPU work included; returns the list the seconds are appended to."""
+def timed(fn: Callable, record: Callable[[float], object]) -> Callable:
+    """``fn`` wrapped to pass the seconds of each call, queued GPU work included, to ``record``."""
     from common import synchronize
 
-    seconds: list[float] = []
-    inner = getattr(owner, name)
-
-    def timed(*args, **kwargs):
+    def wrapper(*args, **kwargs):
         synchronize()
         t0 = time.perf_counter()
         try:
-            return inner(*args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
             synchronize()
-            seconds.append(time.perf_counter() - t0)
+            record(time.perf_counter() - t0)
 
-    setattr(owner, name, timed)
+    return wrapper
+
+
+def patch_timer(owner, name: str) -> list[float]:
+    """Replace ``owner.name`` (a module's function or a class's method) by a wrapper that times each
+    call; returns the list the seconds are appended to."""
+    seconds: list[float] = []
+    setattr(owner, name, timed(getattr(owner, name), seconds.append))
     return seconds
 
 
@@ -249,29 +252,18 @@ class ModelClock:
     def __init__(self):
         self.seconds = 0.0
 
-    def _timed(self, fn: Callable) -> Callable:
-        from common import synchronize
-
-        def timed(*args, **kwargs):
-            synchronize()
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                synchronize()
-                self.seconds += time.perf_counter() - t0
-
-        return timed
+    def _add(self, seconds: float) -> None:
+        self.seconds += seconds
 
     def wrap(self, step: Callable) -> Callable:
-        return self._timed(step)
+        return timed(step, self._add)
 
     @contextmanager
     def timing(self) -> Iterator[ModelClock]:
         import torch
 
         backward = torch.Tensor.backward
-        torch.Tensor.backward = self._timed(backward)
+        torch.Tensor.backward = timed(backward, self._add)
         try:
             yield self
         finally:
