@@ -21,17 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from common import REPO, RESULTS, code_fingerprint, code_label, machine
-from profile_step import packed_batch
+from common import RESULTS, SMOLLM2_135M, code_fingerprint, code_label, machine
+from profile_step import packed_batch  # also puts this checkout's align_runner on sys.path
 
-sys.path.insert(0, str(REPO))
-
-HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
+HEADS, KV_HEADS, HEAD_DIM = (SMOLLM2_135M[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
 
 
 def main() -> None:
@@ -42,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    batch = packed_batch(16, 512, 49152, seed=0)
+    batch = packed_batch(16, 512, SMOLLM2_135M["vocab_size"], seed=0)
     seq = batch["sequence_ids"]
     rows, width = seq.shape
     # (row, start, end) of every sequence and of each row's padded tail
@@ -109,7 +106,7 @@ def main() -> None:
         "# attention_layouts: one attention layer of a packed batch, forward + backward",
         "",
         f"`python scripts/bench/attention_layouts.py` at {code_label(result['code'])}: {rows} rows of {width} tokens, "
-        f"{len(spans)} spans (sequences and row tails), 9 / 3 heads of 64, fp32, {args.threads} thread(s); "
+        f"{len(spans)} spans (sequences and row tails), {HEADS} / {KV_HEADS} heads of {HEAD_DIM}, fp32, {args.threads} thread(s); "
         f"median of {args.repeats}, alternating.",
         "",
         "| layout | seconds (median) | vs mask + repeat_kv | max abs difference from it |",
