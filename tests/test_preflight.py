@@ -207,3 +207,23 @@ def test_every_shipped_model_and_hardware_profile_plans_offline(hardware, tmp_pa
         out = capsys.readouterr().out
         assert f"{params:,} parameters" in out and "unknown" not in out, (model, out)
         assert "sft: weights" in out and "activations" in out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kind", "frozen"),
+    [
+        (["experiment=dpo_tiny"], "dpo", 0),  # cached reference log-probs: no model beside the policy
+        (["experiment=tr_dpo_tiny"], "dpo", 1),  # TR-DPO's live reference
+        (["experiment=grpo_tiny"], "grpo", 0),  # beta 0: no reference
+        (["experiment=grpo_tiny", "algorithm.loss.beta=0.04"], "grpo", 1),  # the KL term's frozen reference
+        (["experiment=grpo_tiny", "algorithm.loss.beta=0.04", "+model/lora=default"], "grpo", 0),  # adapters off
+    ],
+)
+def test_stages_declare_the_models_they_hold(overrides, kind, frozen, tmp_path, model_cache):
+    from align_runner.pipeline.runner import plan
+    from align_runner.pipeline.store import StageStore
+    from align_runner.registry import HeldModels, get_stage
+
+    cfg = api.compose([*overrides, f"paths.outputs={tmp_path}", f"paths.cache={model_cache}"])
+    (spec,) = [p.spec for p in plan(cfg, StageStore(cfg.paths.store)) if p.spec.kind == kind]
+    assert get_stage(kind).held(cfg, spec) == HeldModels(frozen=frozen)
